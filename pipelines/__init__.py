@@ -1,0 +1,1 @@
+"""Host-independent method code (plain torch). Nothing here imports ComfyUI."""

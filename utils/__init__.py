@@ -1,0 +1,1 @@
+"""Small host-independent helpers shared by nodes, pipelines, CLI and training scripts."""

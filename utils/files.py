@@ -1,0 +1,103 @@
+"""Safe file handling: atomic safetensors writes, refusing pickles, sanitising user-given names."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+_MAX_NAME_LEN = 120
+
+
+class BadNameError(ValueError):
+    """A user-given name cannot be used as a file name."""
+
+
+def sanitize_name(name: str, *, what: str = "name") -> str:
+    """Return a file-name-safe version of ``name`` or raise with a message that says what to change.
+
+    Path separators and parent references are refused outright rather than silently stripped: a user
+    who typed ``../x`` or ``faces/anna`` should learn that the name is not a path.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise BadNameError(f"The {what} is empty. Type a short name such as 'anna'.")
+    name = name.strip()
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith(".."):
+        raise BadNameError(
+            f"The {what} {name!r} contains a path separator or '..'. Use a plain name such as 'anna'; "
+            "the file is always written into the model folder."
+        )
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    cleaned = _SAFE_NAME.sub("_", name).strip(" .")
+    if not cleaned:
+        raise BadNameError(f"The {what} {name!r} has no usable characters. Use letters, digits, '-', '_' or '.'.")
+    return cleaned[:_MAX_NAME_LEN]
+
+
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` to ``path`` via a temp file in the same folder and an atomic rename.
+
+    An interrupted or failed write leaves no partial file behind.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class UnsafeFileError(ValueError):
+    """A weight file could not be loaded safely."""
+
+
+def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file or a weights-only torch pickle; never unpickle arbitrary objects.
+
+    Returns (state_dict, metadata). Pickles that need arbitrary code are refused with a message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Weight file not found: {path}")
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            return load_file(str(path)), metadata
+        except Exception as exc:  # safetensors raises several types for truncated / bad headers
+            raise UnsafeFileError(
+                f"{path.name} is not a valid safetensors file ({exc}). It is probably truncated or corrupt: "
+                "download it again (python -m facebooth weights fetch) or re-run the step that produced it."
+            ) from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UnsafeFileError(
+            f"{path.name} could not be loaded as a weights-only checkpoint ({type(exc).__name__}: {exc}). "
+            "FaceBooth never unpickles arbitrary Python objects. If this is an official file it may be corrupt: "
+            "download it again. Otherwise convert it to .safetensors."
+        ) from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UnsafeFileError(f"{path.name} does not contain a flat dictionary of tensors.")
+    return dict(obj), {}
