@@ -1,0 +1,1 @@
+"""Face analysis: detection, 5-point alignment, crops, masks, ArcFace identity, similarity."""
