@@ -1,0 +1,1 @@
+"""Drive a real ComfyUI over HTTP: start a server, submit API workflows, collect images."""

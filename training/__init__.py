@@ -1,0 +1,1 @@
+"""Training scripts (accelerate + diffusers) that produce the files the nodes load."""
