@@ -174,6 +174,17 @@ def test_buffalo_l_pack(tmp_path):
     assert b.detect(_image())
 
 
+def test_custom_pack_is_routed_by_insightface_not_by_file_names(tmp_path):
+    pack_dir = write_insightface_pack(tmp_path, "mypack")
+    (pack_dir / "det_10g.onnx").rename(pack_dir / "face_detector.onnx")
+    (pack_dir / "w600k_r50.onnx").rename(pack_dir / "my_arcface.onnx")
+    b = InsightFaceBackend([str(tmp_path)], "mypack")
+    assert b.name == "insightface/mypack/my_arcface" and b.detect(_image())
+    (pack_dir / "my_arcface.onnx").unlink()
+    with pytest.raises(InsightFacePackError, match="no face recognition model"):
+        InsightFaceBackend([str(tmp_path)], "mypack")
+
+
 def test_misplaced_pack_error_comes_through_the_backend(tmp_path):
     write_nested_mistake(tmp_path, "antelopev2")
     with pytest.raises(InsightFacePackError, match=r"mv .*antelopev2/antelopev2/\* "):
@@ -223,6 +234,7 @@ def test_missing_onnxruntime_says_what_to_install(ins_root, monkeypatch):
         InsightFaceBackend([str(ins_root)], "antelopev2")
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: 6-18 s on the shared 2-core machine
 def test_import_is_lazy(ins_root):
     code = textwrap.dedent(f"""
         import sys, torch

@@ -87,12 +87,17 @@ class _DirCheck:
     recognition: Optional[str] = None
     broken: list[str] = field(default_factory=list)  # "name: problem"
     has_manifest: bool = False
+    check_roles: bool = True  # official packs: require the detector/recognizer by file name
+
+    @property
+    def roles_ok(self) -> bool:
+        # insightface routes models by their inputs/outputs, not names, so custom packs are only checked
+        # for readable files here; the backend reports a missing task after loading
+        return self.has_manifest or not self.check_roles or (self.detection is not None and self.recognition is not None)
 
     @property
     def complete(self) -> bool:
-        if self.broken or not self.onnx:
-            return False
-        return self.has_manifest or (self.detection is not None and self.recognition is not None)
+        return not self.broken and bool(self.onnx) and self.roles_ok
 
 
 def _check_pack_name(pack: str) -> str:
@@ -125,8 +130,10 @@ def _onnx_names(folder: Path) -> list[str]:
         return []
 
 
-def _check_dir(folder: Path) -> _DirCheck:
-    check = _DirCheck(onnx=_onnx_names(folder), has_manifest=(folder / "manifest.json").is_file())
+def _check_dir(folder: Path, pack: str) -> _DirCheck:
+    check = _DirCheck(
+        onnx=_onnx_names(folder), has_manifest=(folder / "manifest.json").is_file(), check_roles=pack in KNOWN_PACKS
+    )
     for name in check.onnx:
         problem = onnx_file_problem(folder / name)
         if problem:
@@ -221,7 +228,7 @@ def _diagnose_root(root: Path, pack: str) -> tuple[Optional[PackLocation], list[
     for ins_root, pack_dir in candidates:
         if not pack_dir.is_dir():
             continue
-        check = _check_dir(pack_dir)
+        check = _check_dir(pack_dir, pack)
         if check.complete:
             return PackLocation(pack, str(ins_root), str(pack_dir), check.detection, check.recognition), []
         nested = _nested_dirs(pack_dir)
@@ -267,7 +274,7 @@ def _explain_incomplete(pack: str, pack_dir: Path, check: _DirCheck) -> str:
         lines.append(f"  - {item} (insightface opens every .onnx in the folder, so delete or replace it)")
     if not check.onnx:
         lines.append("  - it holds no .onnx files")
-    elif not check.has_manifest:
+    elif not check.roles_ok:
         if check.detection is None:
             want = info.detection if info else " or ".join(DETECTION_PATTERNS)
             lines.append(f"  - the face detection model is missing (expected {want}; insightface then fails "
