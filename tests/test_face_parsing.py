@@ -1,0 +1,300 @@
+"""BiSeNet face parsing: exactness against facexlib's BiSeNet, loading, preprocessing, class selection, errors."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from facebooth.devmodels.parsing_models import random_bisenet_state_dict, write_random_bisenet
+from facebooth.pipelines.face.parsing import (
+    BiSeNet,
+    BiSeNetFaceParser,
+    bisenet_from_state_dict,
+    load_bisenet,
+    resolve_classes,
+)
+from facebooth.utils.files import atomic_save_safetensors
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
+# The documented default face region, in CelebAMask-HQ indices: skin 1, brows 2-3, eyes 4-5, glasses 6,
+# nose 10, mouth 11, lips 12-13. Not ears 7-8, earring 9, neck 14-15, cloth 16, hair 17, hat 18, background 0.
+FACE_IDS = {1, 2, 3, 4, 5, 6, 10, 11, 12, 13}
+
+
+def _facexlib_bisenet_class():
+    """facexlib's own BiSeNet class, loaded from its two source files.
+
+    Importing the ``facexlib`` package pulls in its detectors, torchvision and more (seconds on this machine);
+    the parsing network only needs ``parsing/bisenet.py`` and ``parsing/resnet.py``.
+    """
+    spec = importlib.util.find_spec("facexlib")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("facexlib is not installed (test aid: uv pip install facexlib); exactness check skipped")
+    name = "_facexlib_parsing_ref"
+    if name + ".bisenet" not in sys.modules:
+        parsing_dir = f"{list(spec.submodule_search_locations)[0]}/parsing"
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [parsing_dir]
+        sys.modules[name] = pkg
+        for sub in ("resnet", "bisenet"):
+            sub_spec = importlib.util.spec_from_file_location(f"{name}.{sub}", f"{parsing_dir}/{sub}.py")
+            module = importlib.util.module_from_spec(sub_spec)
+            sys.modules[f"{name}.{sub}"] = module
+            sub_spec.loader.exec_module(module)
+    return sys.modules[name + ".bisenet"].BiSeNet
+
+
+def _randomise(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Random values for every tensor of a state dict (its own keys), BatchNorm statistics included."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+        elif v.dim() == 4:
+            out[k] = torch.randn(v.shape, generator=gen) * (2.0 / v[0].numel()) ** 0.5
+        elif k.endswith("running_var"):
+            out[k] = 0.5 + torch.rand(v.shape, generator=gen)
+        else:
+            out[k] = 0.2 * torch.randn(v.shape, generator=gen) + (1.0 if k.endswith(".weight") else 0.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """facexlib's BiSeNet with a random state dict in its own layout."""
+    ref = _facexlib_bisenet_class()(num_class=19)
+    state = _randomise(ref.state_dict(), seed=7)
+    ref.load_state_dict(state)
+    return ref.eval(), state
+
+
+@pytest.fixture(scope="module")
+def ours(reference):
+    """Our BiSeNet with the same state dict, loaded with plain ``load_state_dict`` (strict)."""
+    model = BiSeNet().eval()
+    model.load_state_dict(reference[1])
+    return model
+
+
+def _assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ref.abs().max() > 1e-2  # the random weights must give non-trivial logits
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactness against facexlib
+# ----------------------------------------------------------------------------------------------
+
+
+def test_state_dict_layout_matches_facexlib(reference):
+    ref, state = reference
+    with torch.device("meta"):
+        layout = BiSeNet().state_dict()
+    assert list(layout) == list(state)
+    assert {k: tuple(v.shape) for k, v in layout.items()} == {k: tuple(v.shape) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 96, 64)])
+def test_logits_match_facexlib(reference, ours, shape):
+    ref, _ = reference
+    x = torch.randn(shape)
+    with torch.no_grad():
+        ref_main, ref16, ref32 = ref(x)
+        main, aux16, aux32 = ours(x, with_aux=True)
+        main_only = ours(x)
+    assert main.shape == (shape[0], 19, shape[2], shape[3])
+    _assert_logits_close(main, ref_main)
+    _assert_logits_close(aux16, ref16)
+    _assert_logits_close(aux32, ref32)
+    torch.testing.assert_close(main_only, main, rtol=0, atol=0)
+
+
+def test_load_bisenet_reads_pth_and_safetensors(reference, tmp_path):
+    ref, state = reference
+    pth = tmp_path / "parsing_bisenet.pth"
+    torch.save(ref.state_dict(), pth)  # exactly how the official file was produced
+    sft = atomic_save_safetensors(state, tmp_path / "parsing_bisenet.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = ref(x)[0]
+        for path in (pth, sft):
+            parser = load_bisenet(path)
+            assert isinstance(parser, BiSeNetFaceParser)
+            _assert_logits_close(parser.model(x), expected)
+
+
+@pytest.mark.slow
+def test_parse_512_matches_facexlib_pipeline(reference):
+    """Full 512x512 path: our preprocessing (RGB, ImageNet mean/std) + argmax equals facexlib's model on the
+    input that facexlib-based packs build (PuLID: normalize(mean, std), then face_parse(x)[0].argmax(1))."""
+    ref, state = reference
+    parser = BiSeNetFaceParser(bisenet_from_state_dict(state))
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 512), torch.linspace(0, 1, 512), indexing="ij")
+    crop = torch.stack([xx, yy, (xx * yy) ** 0.5], dim=-1)  # smooth image with distinct channels
+    x = ((crop - IMAGENET_MEAN) / IMAGENET_STD).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        ref_logits = ref(x)[0]
+    logits = parser.logits(crop)
+    _assert_logits_close(logits, ref_logits)
+    # near-ties may flip a handful of pixels at float32 precision
+    labels, ref_labels = logits.argmax(1)[0], ref_logits.argmax(1)[0]
+    assert (labels != ref_labels).float().mean() < 1e-4
+    assert len(labels.unique()) > 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing and class selection, with a network whose output the test controls
+# ----------------------------------------------------------------------------------------------
+
+
+class BandModel(nn.Module):
+    """Logits that make label = column band (19 vertical bands at 512 px); records the input it gets."""
+
+    num_classes = 19
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(4.0))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        n, _, h, w = x.shape
+        band = torch.arange(w) * 19 // w
+        one_hot = torch.nn.functional.one_hot(band, 19).T.float()  # (19, W)
+        return (self.scale * one_hot)[None, :, None, :].expand(n, 19, h, w).contiguous()
+
+
+def _band_labels(width: int = 512) -> torch.Tensor:
+    return (torch.arange(width) * 19 // width).expand(512, width)
+
+
+def test_parse_returns_network_argmax_labels():
+    parser = BiSeNetFaceParser(BandModel())
+    labels = parser.parse(torch.rand(512, 512, 3))
+    assert torch.equal(labels, _band_labels())
+
+
+def test_face_mask_default_classes_are_inner_face():
+    parser = BiSeNetFaceParser(BandModel())
+    mask = parser.face_mask(torch.rand(512, 512, 3))
+    assert mask.shape == (512, 512) and mask.dtype == torch.float32
+    labels = _band_labels()
+    for cls in range(19):
+        region = mask[labels == cls]
+        expected = 1.0 if cls in FACE_IDS else 0.0
+        assert torch.all(region == expected), f"class {cls} should be {'in' if expected else 'out of'} the face mask"
+
+
+def test_face_classes_parameter_and_soft_mask():
+    model = BandModel()
+    crop = torch.rand(512, 512, 3)
+    hair_hat = BiSeNetFaceParser(model, face_classes=("hair", 18)).face_mask(crop)
+    labels = _band_labels()
+    assert torch.equal(hair_hat.bool(), (labels == 17) | (labels == 18))
+
+    soft = BiSeNetFaceParser(model, soft=True).face_mask(crop)
+    probs = model(torch.zeros(1, 3, 512, 512))[0].softmax(0)
+    expected = probs[sorted(FACE_IDS)].sum(0)
+    torch.testing.assert_close(soft, expected)
+    assert 0.0 < float(soft.min()) < 0.5 < float(soft.max()) < 1.0
+
+
+def test_input_is_resized_to_512_and_imagenet_normalised():
+    model = BandModel()
+    parser = BiSeNetFaceParser(model)
+    colour = torch.tensor([0.9, 0.3, 0.1])
+    crop = colour.expand(256, 256, 3).clone()
+    mask = parser.face_mask(crop)
+    seen = model.seen[-1]
+    assert seen.shape == (1, 3, 512, 512)
+    expected = (colour - IMAGENET_MEAN) / IMAGENET_STD  # RGB order, not BGR
+    torch.testing.assert_close(seen[0].mean(dim=(1, 2)), expected)
+    torch.testing.assert_close(seen[0].std(dim=(1, 2)), torch.zeros(3), atol=1e-5, rtol=0)
+    assert mask.shape == (256, 256)  # logits go back to the crop's own size
+
+    batch = parser.face_mask(torch.rand(2, 512, 512, 3))
+    assert batch.shape == (2, 512, 512)
+    assert parser.face_mask(torch.full((512, 512, 3), 200, dtype=torch.uint8)).shape == (512, 512)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_wrong_keys_are_refused_with_a_hint(tmp_path):
+    parsenet_like = {"encoder.0.conv2d.weight": torch.zeros(64, 3, 3, 3), "decoder.0.weight": torch.zeros(3)}
+    path = tmp_path / "parsing_parsenet.pth"
+    torch.save(parsenet_like, path)
+    with pytest.raises(ValueError, match="ParseNet.*parsing_bisenet.pth"):
+        load_bisenet(path)
+
+    state = random_bisenet_state_dict(seed=1)
+    del state["cp.arm16.conv_atten.weight"]
+    state["cp.arm16.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['cp.arm16.conv_atten.weight'\].*unexpected keys"):
+        bisenet_from_state_dict(state)
+
+    state = random_bisenet_state_dict(seed=1)
+    state["ffm.conv1.weight"] = torch.zeros(32, 256, 1, 1)
+    with pytest.raises(ValueError, match="ffm.conv1.weight has shape"):
+        bisenet_from_state_dict(state)
+
+    with pytest.raises(FileNotFoundError, match="parsing_bisenet.pth"):
+        load_bisenet(tmp_path / "missing.pth")
+
+
+def test_old_and_dataparallel_checkpoints_load():
+    state = random_bisenet_state_dict(seed=2)
+    reference = bisenet_from_state_dict(state)
+    legacy = {f"module.{k}": v.half() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    model = bisenet_from_state_dict(legacy)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(x)
+        torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
+
+
+def test_bad_images_and_classes_are_refused():
+    parser = BiSeNetFaceParser(BandModel())
+    with pytest.raises(ValueError, match="channel last"):
+        parser.face_mask(torch.rand(3, 512, 512))
+    nan = torch.rand(512, 512, 3)
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        parser.face_mask(nan)
+    with pytest.raises(ValueError, match="Unknown face-parsing class 'beard'"):
+        resolve_classes(["skin", "beard"])
+    with pytest.raises(ValueError, match="outside 0..18"):
+        resolve_classes([19])
+    with pytest.raises(ValueError, match="empty"):
+        resolve_classes([])
+
+
+# ----------------------------------------------------------------------------------------------
+# Dev model files
+# ----------------------------------------------------------------------------------------------
+
+
+def test_write_random_bisenet_official_layout(tmp_path):
+    pth = write_random_bisenet(tmp_path / "parsing_bisenet.pth", seed=3)
+    raw = torch.load(pth, map_location="cpu", weights_only=True)
+    ref = _facexlib_bisenet_class()(num_class=19)
+    ref.load_state_dict(raw, strict=True)  # the layout facexlib itself loads
+    parser = load_bisenet(pth)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _assert_logits_close(parser.model(x), ref.eval()(x)[0])
+
+    sft = write_random_bisenet(tmp_path / "copy.safetensors", seed=3)
+    again = load_bisenet(sft).model.state_dict()
+    assert all(torch.equal(again[k], raw[k]) for k in raw)
+    with pytest.raises(ValueError, match="suffix"):
+        write_random_bisenet(tmp_path / "x.bin")
