@@ -130,7 +130,7 @@ def test_missing_pack_lists_what_exists_where_we_looked_and_how_to_get_it(tmp_pa
     assert "'antelopev2' was not found" in msg
     assert str(ins_root) in msg and f"{gone} (does not exist)" in msg
     assert "Packs found there: buffalo_l" in msg
-    assert "insightface/antelopev2" in msg  # manifest id
+    assert "weights fetch antelopev2" in msg and "antelopev2.zip" in msg  # manifest id + download
     assert f"{ins_root / 'models' / 'antelopev2'}{os.sep}" in msg
 
 

@@ -37,25 +37,14 @@ class PackInfo:
     download: str  # where users get it
 
 
+_RELEASES = "https://github.com/deepinsight/insightface/releases/download/v0.7/"
 KNOWN_PACKS: dict[str, PackInfo] = {
-    "antelopev2": PackInfo(
-        "scrfd_10g_bnkps.onnx",
-        "glintr100.onnx",
-        "insightface/antelopev2",
-        "antelopev2.zip (no longer on insightface's release page; the weights manifest entry names a source)",
-    ),
-    "buffalo_l": PackInfo(
-        "det_10g.onnx",
-        "w600k_r50.onnx",
-        "insightface/buffalo_l",
-        "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip",
-    ),
-    "buffalo_m": PackInfo("det_2.5g.onnx", "w600k_r50.onnx", "insightface/buffalo_m",
-                          "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_m.zip"),
-    "buffalo_s": PackInfo("det_500m.onnx", "w600k_mbf.onnx", "insightface/buffalo_s",
-                          "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_s.zip"),
-    "buffalo_sc": PackInfo("det_500m.onnx", "w600k_mbf.onnx", "insightface/buffalo_sc",
-                           "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_sc.zip"),
+    # manifest ids as in weights_manifest.json ("" = not listed there)
+    "antelopev2": PackInfo("scrfd_10g_bnkps.onnx", "glintr100.onnx", "antelopev2", _RELEASES + "antelopev2.zip"),
+    "buffalo_l": PackInfo("det_10g.onnx", "w600k_r50.onnx", "buffalo_l", _RELEASES + "buffalo_l.zip"),
+    "buffalo_m": PackInfo("det_2.5g.onnx", "w600k_r50.onnx", "", _RELEASES + "buffalo_m.zip"),
+    "buffalo_s": PackInfo("det_500m.onnx", "w600k_mbf.onnx", "", _RELEASES + "buffalo_s.zip"),
+    "buffalo_sc": PackInfo("det_500m.onnx", "w600k_mbf.onnx", "", _RELEASES + "buffalo_sc.zip"),
 }
 
 
@@ -290,11 +279,12 @@ def _explain_incomplete(pack: str, pack_dir: Path, check: _DirCheck) -> str:
 def _download_hint(pack: str) -> str:
     info = KNOWN_PACKS.get(pack)
     if info is None:
-        return (f"Put the pack's .onnx files (a detector such as det_10g.onnx and a recognizer such as "
-                f"w600k_r50.onnx) in that folder, or choose one of {', '.join(DEFAULT_PACKS)}.")
-    return (f"Get {pack}: {info.download} (weights manifest id '{info.manifest_id}'; "
-            f"'python -m facebooth weights check' lists it), and unzip it so that {info.detection} and "
-            f"{info.recognition} sit directly in the '{pack}' folder.")
+        return (f"A pack holds a face detector (such as det_10g.onnx) and a recognizer (such as w600k_r50.onnx); "
+                f"the standard packs are {' and '.join(DEFAULT_PACKS)}.")
+    fetch = (f"'python -m facebooth weights fetch {info.manifest_id}' downloads and unpacks it (weights manifest "
+             f"id '{info.manifest_id}'), or get " if info.manifest_id else "Get ")
+    return (f"{fetch}{info.download} and unzip it so that {info.detection} and {info.recognition} sit directly "
+            f"in the '{pack}' folder.")
 
 
 def _packs_in(folder: Path) -> list[str]:
