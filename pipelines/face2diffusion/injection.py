@@ -200,7 +200,10 @@ def plan_chunked_injection(
     plan = []
     for t, flat_slot in zip(identities, slots):
         (c0, s0), (c1, s1) = where[flat_slot], where[flat_slot + 1]
-        if c0 != c1:
+        # Hosts close every chunk with an end token: "f" as the chunk's last word would put S2* on that end
+        # token while the user's "l" sits in the next chunk.
+        split = c0 != c1 or (s1 == len(chunks[c0]) - 1 and c0 < len(chunks) - 1)
+        if split:
             raise PlaceholderError(
                 f"The placeholder pair of {t.name} is split across two 77-token chunks; move it, or add BREAK before it."
             )
