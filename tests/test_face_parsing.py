@@ -283,18 +283,23 @@ def test_bad_images_and_classes_are_refused():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_write_random_bisenet_official_layout(tmp_path):
+def test_write_random_bisenet_files(tmp_path):
     pth = write_random_bisenet(tmp_path / "parsing_bisenet.pth", seed=3)
     raw = torch.load(pth, map_location="cpu", weights_only=True)
-    ref = _facexlib_bisenet_class()(num_class=19)
-    ref.load_state_dict(raw, strict=True)  # the layout facexlib itself loads
-    parser = load_bisenet(pth)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        _assert_logits_close(parser.model(x), ref.eval()(x)[0])
-
     sft = write_random_bisenet(tmp_path / "copy.safetensors", seed=3)
-    again = load_bisenet(sft).model.state_dict()
-    assert all(torch.equal(again[k], raw[k]) for k in raw)
+    from_pth, from_sft = load_bisenet(pth), load_bisenet(sft)
+    for key, value in from_sft.model.state_dict().items():
+        assert torch.equal(value, raw[key]) and torch.equal(from_pth.model.state_dict()[key], raw[key]), key
+    labels = from_pth.parse(torch.rand(64, 64, 3))
+    assert len(labels.unique()) > 1  # random weights still give a varied label map
     with pytest.raises(ValueError, match="suffix"):
         write_random_bisenet(tmp_path / "x.bin")
+
+
+def test_write_random_bisenet_loads_in_facexlib(tmp_path):
+    ref = _facexlib_bisenet_class()(num_class=19)
+    pth = write_random_bisenet(tmp_path / "parsing_bisenet.pth", seed=3)
+    ref.load_state_dict(torch.load(pth, map_location="cpu", weights_only=True), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _assert_logits_close(load_bisenet(pth).model(x), ref.eval()(x)[0])
