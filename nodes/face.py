@@ -46,8 +46,39 @@ def _mtcnn_folder() -> str | None:
     return None
 
 
+# Sub-folders of models/facebooth/face that hold other face models, never recognizers.
+_NOT_RECOGNIZERS = ("mtcnn/", "parsing/", "clipseg/")
+
+
 def _recognizer_files() -> list[str]:
-    return [f for f in model_folders.list_files("facebooth/face") if not f.replace("\\", "/").startswith("mtcnn/")]
+    files = [f.replace("\\", "/") for f in model_folders.list_files("facebooth/face")]
+    return [f for f in files if not f.startswith(_NOT_RECOGNIZERS)]
+
+
+def _parser_files() -> list[str]:
+    files = [f.replace("\\", "/") for f in model_folders.list_files("facebooth/face")]
+    return [f for f in files if f.startswith("parsing/")]
+
+
+_HULL = "none (landmark hull)"
+
+
+def _parser_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "face_parser",
+        options=_parser_files() + [_HULL],
+        default=_HULL,
+        tooltip="Optional BiSeNet face-parsing model (facexlib's parsing_bisenet.pth in models/facebooth/face/parsing/) "
+        "for precise face masks. Without it the mask is a face oval placed by the 5 landmarks.",
+    )
+
+
+def _load_parser(name: str, device: torch.device):
+    if name == _HULL:
+        return None
+    from ..pipelines.face.parsing import load_bisenet
+
+    return load_bisenet(model_folders.resolve_file("facebooth/face", name), device=device)
 
 
 class FaceAnalyzerTorch(io.ComfyNode):
@@ -73,6 +104,7 @@ class FaceAnalyzerTorch(io.ComfyNode):
                     tooltip="ArcFace backbone (arcface_torch iresnet .pth or our .safetensors) from models/facebooth/face. "
                     "It turns a face into the identity embedding. 'none' disables identities.",
                 ),
+                _parser_input(),
                 io.Int.Input("min_face_size", default=20, min=8, max=512, tooltip="Smallest face, in pixels, the detector looks for. Larger is faster."),
                 io.Combo.Input("device", options=DEVICE_CHOICES, default="auto", tooltip="Where the face models run. 'auto' uses ComfyUI's device."),
             ],
@@ -80,7 +112,7 @@ class FaceAnalyzerTorch(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, detector: str, recognizer: str, min_face_size: int, device: str) -> io.NodeOutput:
+    def execute(cls, detector: str, recognizer: str, face_parser: str, min_face_size: int, device: str) -> io.NodeOutput:
         dev = pick_device(device)
 
         def load() -> FaceAnalyzer:
@@ -100,9 +132,10 @@ class FaceAnalyzerTorch(io.ComfyNode):
                 from ..pipelines.face.arcface import load_arcface
 
                 rec = load_arcface(model_folders.resolve_file("facebooth/face", recognizer), device=dev)
-            return FaceAnalyzer(detector=det, recognizer=rec, name=f"torch:{detector}+{recognizer}")
+            parser = _load_parser(face_parser, dev)
+            return FaceAnalyzer(detector=det, recognizer=rec, parser=parser, name=f"torch:{detector}+{recognizer}")
 
-        return io.NodeOutput(_CACHE.get(("torch", detector, recognizer, min_face_size, str(dev)), load))
+        return io.NodeOutput(_CACHE.get(("torch", detector, recognizer, face_parser, min_face_size, str(dev)), load))
 
 
 class FaceAnalyzerInsightFace(io.ComfyNode):
@@ -123,20 +156,24 @@ class FaceAnalyzerInsightFace(io.ComfyNode):
             inputs=[
                 io.Combo.Input("pack", options=packs, tooltip="Model pack folder under models/insightface/models/. antelopev2 (glintr100) or buffalo_l (w600k_r50)."),
                 io.Combo.Input("provider", options=PROVIDERS, default="CPU", tooltip="onnxruntime execution provider. Falls back to CPU, with a warning, when unavailable."),
+                _parser_input(),
                 io.Int.Input("det_size", default=640, min=128, max=1280, step=32, tooltip="Detector input size. Smaller finds big faces faster; larger finds small faces."),
             ],
             outputs=[FaceAnalyzerType.Output(display_name="face_analyzer", tooltip="Connect to Detect Faces or ID Similarity.")],
         )
 
     @classmethod
-    def execute(cls, pack: str, provider: str, det_size: int) -> io.NodeOutput:
+    def execute(cls, pack: str, provider: str, face_parser: str, det_size: int) -> io.NodeOutput:
         def load() -> FaceAnalyzer:
             from ..pipelines.face.insightface_backend import InsightFaceBackend
 
             backend = InsightFaceBackend(model_folders.folder_paths_for("insightface"), pack=pack, providers=[provider], det_size=det_size)
-            return FaceAnalyzer(detector=backend, recognizer=backend, name=f"insightface:{pack}")
+            for warning in getattr(backend, "warnings", []):
+                log.warning("FaceBooth: %s", warning)
+            parser = _load_parser(face_parser, pick_device("auto"))
+            return FaceAnalyzer(detector=backend, recognizer=backend, parser=parser, name=f"insightface:{pack}")
 
-        return io.NodeOutput(_CACHE.get(("insightface", pack, provider, det_size), load))
+        return io.NodeOutput(_CACHE.get(("insightface", pack, provider, face_parser, det_size), load))
 
 
 class DetectFaces(io.ComfyNode):
