@@ -1,0 +1,301 @@
+"""``python -m facebooth examples``: run the example workflows headless in a real ComfyUI.
+
+Without ``--server`` it starts a ComfyUI from ``--comfyui-dir`` (default ``$COMFYUI_DIR``) on a temporary base
+directory with this pack linked into ``custom_nodes`` and, unless ``--checkpoint`` is given, the embedded
+default models: a random SD1.5 checkpoint and random face models (cached in ``$FACEBOOTH_CACHE`` or
+``~/.cache/facebooth``). Random weights produce noise, not portraits: the run shows that every workflow
+executes. Pass ``--checkpoint`` and ``--face`` to see real results.
+
+Every output image lands in ``--out`` with a ``contact_sheet.png``; a summary goes to stdout, progress to
+stderr. Exit status: 0 all workflows ran, 1 a workflow failed, 2 the run could not start (ComfyUI missing or
+unreachable, a model missing, no workflow matched).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..runner import examples as ex
+from ..runner.client import (
+    ComfyClient,
+    ComfyUnreachableError,
+    ProgressEvent,
+    WorkflowFailedError,
+    WorkflowRejectedError,
+)
+
+log = logging.getLogger("FaceBooth.examples")
+
+EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "examples",
+        help="run the example workflows in a real ComfyUI and write their images + a contact sheet",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--server", metavar="URL", help="use a ComfyUI that is already running (e.g. http://127.0.0.1:8188)")
+    where.add_argument("--comfyui-dir", type=Path, default=None,
+                       help="ComfyUI folder to start (default: $COMFYUI_DIR)")
+    parser.add_argument("--checkpoint", metavar="NAME_OR_PATH",
+                        help="SD1.5 checkpoint: a file path, or a name from models/checkpoints "
+                             "(default: the random test checkpoint)")
+    parser.add_argument("--face", action="append", type=Path, metavar="IMAGE",
+                        help="input face image (repeat for a second subject; default: drawn faces)")
+    parser.add_argument("--only", action="append", metavar="GLOB",
+                        help="run only workflows whose name matches (repeatable), e.g. 'basic_*'")
+    parser.add_argument("--out", type=Path, default=Path("facebooth-output") / "examples",
+                        help="folder for the output images and contact_sheet.png (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="value of $SEED (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="fill or override a workflow placeholder (VALUE is JSON if it parses)")
+    parser.add_argument("--workflows-dir", type=Path, default=ex.EXAMPLES_DIR, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per workflow (default: %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="device for a ComfyUI started here (default: GPU when torch sees one)")
+    parser.add_argument("--python", default=None,
+                        help="Python that has ComfyUI's requirements (default: this one, or $COMFYUI_PYTHON)")
+    parser.add_argument("--keep-base-dir", action="store_true",
+                        help="keep the temporary ComfyUI base dir (with comfyui.log) after the run")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing workflow")
+    parser.add_argument("--write-ui", action="store_true",
+                        help="also regenerate each workflow's UI-format twin from the live /object_info")
+    parser.set_defaults(func=run)
+    return parser
+
+
+@dataclass
+class Result:
+    name: str
+    ok: bool = False
+    seconds: float = 0.0
+    images: list[Path] = field(default_factory=list)
+    error: str = ""
+
+
+class ProgressLog:
+    """Turns ComfyUI events into short stderr lines; step counters are throttled so long loops stay readable."""
+
+    def __init__(self, name: str, index: int, total: int):
+        self.prefix = f"[{index}/{total}] {name}"
+        self.last_step_log = 0.0
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.kind == "cached" and event.nodes:
+            log.info("%s: cached nodes %s", self.prefix, ", ".join(event.nodes))
+        elif event.kind == "executing":
+            log.info("%s: node %s %s", self.prefix, event.node_id, event.node_type or "")
+        elif event.kind == "progress" and event.max:
+            now = time.monotonic()
+            if event.value == event.max or now - self.last_step_log > 2.0:
+                self.last_step_log = now
+                log.info("%s: node %s %s %d/%d", self.prefix, event.node_id, event.node_type or "", event.value, event.max)
+
+
+def _parse_sets(items: list[str]) -> dict:
+    values = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE")
+        name, raw = item.split("=", 1)
+        try:
+            values[name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[name.strip()] = raw
+    return values
+
+
+def _want_cpu(device: str) -> bool:
+    if device != "auto":
+        return device == "cpu"
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:
+        return True
+
+
+def _startup_problems(log_text: str, link_name: str = "FaceBooth") -> list[str]:
+    """Lines of ComfyUI's startup log saying the pack (or part of it) failed to import."""
+    problems = []
+    for line in log_text.splitlines():
+        if ("IMPORT FAILED" in line or "Cannot import" in line) and link_name in line:
+            problems.append(line.strip())
+        elif line.startswith("FaceBooth:") and "could not be loaded" in line:
+            problems.append(line.strip())
+    return problems
+
+
+def _save_outputs(result: Result, outputs, out_dir: Path) -> list[tuple[str, "object"]]:
+    tiles = []
+    images = ex.to_pil(outputs)
+    for k, (out, image) in enumerate(zip(outputs, images), start=1):
+        suffix = Path(out.filename).suffix or ".png"
+        path = out_dir / f"{result.name}_{k:02d}{suffix}"
+        path.write_bytes(out.data)
+        result.images.append(path)
+        tiles.append((f"{result.name} #{k} ({image.width}x{image.height})", image))
+    return tiles
+
+
+def _run_all(client: ComfyClient, workflows: list[Path], subs: dict, args) -> list[Result]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[Result] = []
+    tiles = []
+    for index, path in enumerate(workflows, start=1):
+        result = Result(ex.workflow_name(path))
+        results.append(result)
+        log.info("[%d/%d] %s: queued", index, len(workflows), result.name)
+        start = time.monotonic()
+        try:
+            values = dict(subs, WORKFLOW=result.name, **_parse_sets(args.set))
+            outputs = ex.run_workflow(client, path, values, timeout=args.timeout,
+                                      on_progress=ProgressLog(result.name, index, len(workflows)))
+            tiles += _save_outputs(result, outputs, args.out)
+            result.ok = True
+            if not outputs:
+                result.ok, result.error = False, "finished but produced no images (no SaveImage/PreviewImage output?)"
+        except (WorkflowRejectedError, WorkflowFailedError, ex.PlaceholderError, ValueError, TimeoutError) as exc:
+            result.error = str(exc)
+        except ComfyUnreachableError as exc:
+            result.error = f"{exc} (did ComfyUI crash? see its log)"
+        result.seconds = time.monotonic() - start
+        if result.ok:
+            log.info("[%d/%d] %s: done in %.1f s, %d image(s)", index, len(workflows), result.name, result.seconds, len(result.images))
+        else:
+            log.error("[%d/%d] %s: FAILED after %.1f s\n%s", index, len(workflows), result.name, result.seconds, result.error)
+            if args.fail_fast:
+                break
+    if tiles:
+        from ..runner.contact_sheet import save_contact_sheet
+
+        sheet = save_contact_sheet(tiles, args.out / "contact_sheet.png", tile=192, title="FaceBooth examples")
+        log.info("Contact sheet: %s", sheet)
+    return results
+
+
+def _summary(results: list[Result], out_dir: Path, stream=None) -> None:
+    stream = stream or sys.stdout
+    width = max([len(r.name) for r in results] + [8])
+    stream.write(f"\n{'workflow':<{width}}  status  seconds  images\n")
+    for r in results:
+        stream.write(f"{r.name:<{width}}  {'ok' if r.ok else 'FAILED':<6}  {r.seconds:7.1f}  {len(r.images):6d}\n")
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        first = r.error.strip().splitlines()[0] if r.error.strip() else "unknown error"
+        stream.write(f"  {r.name}: {first}\n")
+    ok = len(results) - len(failed)
+    stream.write(f"{ok}/{len(results)} workflows ran; images in {out_dir}"
+                 + (f" (contact sheet: {out_dir / 'contact_sheet.png'})" if ok else "") + "\n")
+    stream.flush()
+
+
+def _write_ui_twins(client: ComfyClient, workflows: list[Path]) -> None:
+    info = client.object_info()
+    for path in workflows:
+        try:
+            twin = ex.write_ui_twin(path, info)
+            log.info("UI twin written: %s", twin)
+        except Exception as exc:  # a node missing from this server: say so, keep going
+            log.warning("Could not write the UI twin of %s: %s: %s", path.name, type(exc).__name__, exc)
+
+
+def run(args) -> int:
+    workflows = ex.list_workflows(args.workflows_dir, args.only)
+    if not workflows:
+        log.error("No workflow in %s matches %s.", args.workflows_dir, " ".join(args.only or ["*"]))
+        return EXIT_SETUP
+    try:
+        _parse_sets(args.set)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_SETUP
+    if args.server:
+        return _run_on_server(args, workflows)
+    return _run_local(args, workflows)
+
+
+def _run_on_server(args, workflows: list[Path]) -> int:
+    from ..devmodels.sd15_checkpoint import DEFAULT_CHECKPOINT_NAME
+
+    client = ComfyClient(args.server)
+    try:
+        client.system_stats()
+        checkpoint = args.checkpoint or DEFAULT_CHECKPOINT_NAME
+        if os.sep in checkpoint or Path(checkpoint).is_file():
+            log.error("With --server, --checkpoint must be a name that server lists in models/checkpoints, not a path.")
+            return EXIT_SETUP
+        ex.check_checkpoint_available(client, checkpoint)
+        subs = {"CHECKPOINT": checkpoint, "SEED": args.seed, **ex.upload_faces(client, args.face, args.seed)}
+    except (ComfyUnreachableError, ex.MissingModelError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return EXIT_SETUP
+    if args.write_ui:
+        _write_ui_twins(client, workflows)
+    results = _run_all(client, workflows, subs, args)
+    client.close()
+    _summary(results, args.out)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def _run_local(args, workflows: list[Path]) -> int:
+    from ..runner.server import ComfyServer, ComfyServerError, ComfyUINotFoundError, check_comfyui_dir
+
+    try:
+        comfyui_dir = check_comfyui_dir(args.comfyui_dir or os.environ.get("COMFYUI_DIR"))
+    except ComfyUINotFoundError as exc:
+        log.error("%s", exc)
+        return EXIT_SETUP
+    base = Path(tempfile.mkdtemp(prefix="facebooth-examples-"))
+    try:
+        try:
+            if args.checkpoint is None:
+                log.info("Preparing the random SD1.5 checkpoint and face models (generated once, then cached)")
+            setup = ex.prepare_base_dir(base, checkpoint=args.checkpoint, comfyui_dir=comfyui_dir)
+        except (ex.MissingModelError, FileNotFoundError) as exc:
+            log.error("%s", exc)
+            return EXIT_SETUP
+        server = ComfyServer(comfyui_dir, base, cpu=_want_cpu(args.device), python=args.python)
+        log.info("Starting ComfyUI from %s on %s (log: %s)", comfyui_dir, server.url, server.log_file)
+        try:
+            server.start()
+        except ComfyServerError as exc:
+            log.error("%s", exc)
+            return EXIT_SETUP
+        try:
+            for problem in _startup_problems(server.startup_log()):
+                log.warning("ComfyUI reported a FaceBooth import problem: %s", problem)
+            client = server.client
+            try:
+                subs = {**setup.substitutions, "SEED": args.seed, **ex.upload_faces(client, args.face, args.seed)}
+            except FileNotFoundError as exc:
+                log.error("%s", exc)
+                return EXIT_SETUP
+            if args.write_ui:
+                _write_ui_twins(client, workflows)
+            results = _run_all(client, workflows, subs, args)
+            client.close()
+        finally:
+            server.stop()
+        if not all(r.ok for r in results):
+            log.error("ComfyUI log: %s (last lines below)\n%s", server.log_file, server.log_tail(25))
+            args.keep_base_dir = True
+        _summary(results, args.out)
+        return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+    finally:
+        if args.keep_base_dir:
+            log.info("ComfyUI base dir kept: %s", base)
+        else:
+            shutil.rmtree(base, ignore_errors=True)

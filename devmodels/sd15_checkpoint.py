@@ -1,0 +1,375 @@
+"""A small random Stable Diffusion 1.5 checkpoint that ComfyUI detects as SD15.
+
+Why: no pretrained weights can be downloaded here, yet the nodes must run end to end in a real ComfyUI.
+The checkpoint keeps everything ComfyUI uses to recognise SD1.5 and everything our methods touch at full
+size, and shrinks only the UNet depth:
+
+* UNet in the original LDM key layout (``model.diffusion_model.*``): ``model_channels`` 320,
+  ``context_dim`` 768, 8 heads, conv ``proj_in`` (``use_linear_in_transformer`` False), but
+  ``channel_mult`` [1, 2] and ``num_res_blocks`` [1, 1]. Those are SD1.5's first two levels, which both
+  carry a cross-attention transformer in SD1.5, so attention sits at both levels and in the middle block.
+* Full-size CLIP-L text encoder (``cond_stage_model.transformer.text_model.*``), 77 positions, 49408 tokens.
+* Full-size SD VAE (``first_stage_model.*``).
+
+The models are built with diffusers (UNet, VAE) and transformers (CLIP text model) and converted to the
+LDM layout with the mapping below, so tests can get the *same* weights as independent reference models
+(``build_unet`` / ``build_vae`` / ``build_text_encoder``). Weights are drawn from a seeded generator with a
+small std (sampling stays numerically tame) and rounded to fp16, the on-disk dtype, so the in-memory fp32
+reference models equal the file bit for bit.
+
+The file records its seed and config in the safetensors metadata; ``write_random_sd15_checkpoint`` skips
+generation when a file with the same fingerprint already exists.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..utils.files import atomic_save_safetensors
+
+log = logging.getLogger("FaceBooth.devmodels")
+
+FORMAT_VERSION = "1"
+DEFAULT_CHECKPOINT_NAME = "facebooth_random_sd15.safetensors"
+
+
+def checkpoint_name(seed: int = 0) -> str:
+    """File name for a given seed; seed 0 is the default that example runs and tests share."""
+    return DEFAULT_CHECKPOINT_NAME if seed == 0 else f"facebooth_random_sd15_seed{seed}.safetensors"
+
+METADATA_KIND = "facebooth.random_sd15"
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+
+# CLIP ViT-L/14 text tower, as used by SD1.x.
+CLIP_L_TEXT_CONFIG: dict = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 768,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+
+# The SD1.x VAE (kl-f8).
+SD_VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+# SD1.x noise schedule (diffusers scheduler kwargs).
+SD15_SCHEDULER_CONFIG: dict = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+
+@dataclass(frozen=True)
+class TinySD15Config:
+    """Everything that decides the weights. Change a field and the cached file is regenerated."""
+
+    seed: int = 0
+    init_std: float = 0.02
+    model_channels: int = 320  # SD15 detection needs 320
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    attention_levels: tuple[bool, ...] = (True, True)
+    num_heads: int = 8  # ComfyUI's SD15 config: num_heads 8, num_head_channels -1
+    context_dim: int = 768  # SD15 detection needs 768
+
+    def fingerprint(self) -> str:
+        data = asdict(self)
+        data["format_version"] = FORMAT_VERSION
+        return json.dumps(data, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference models (diffusers / transformers), deterministic from the seed
+# ----------------------------------------------------------------------------------------------------
+
+
+def unet_diffusers_config(cfg: TinySD15Config = TinySD15Config()) -> dict:
+    """Kwargs for ``diffusers.UNet2DConditionModel`` matching the checkpoint's UNet."""
+    if len(cfg.attention_levels) != len(cfg.channel_mult):
+        raise ValueError("attention_levels needs one flag per channel_mult level")
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)]
+    return {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": down,
+        "up_block_types": up,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "cross_attention_dim": cfg.context_dim,
+        "attention_head_dim": cfg.num_heads,  # diffusers' SD1 configs name the head *count* this way
+        "norm_num_groups": 32,
+        "use_linear_projection": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+
+
+def _randomize_(module: torch.nn.Module, seed: int, std: float) -> None:
+    """Overwrite every parameter with small seeded noise, rounded to fp16 precision.
+
+    1-D ``weight`` tensors are normalisation scales: they get 1 + noise so activations keep their size.
+    Biases and norm shifts are random too (not zero) so a dropped bias shows up in exactness tests.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+            if name.endswith("weight") and p.ndim == 1:
+                noise += 1.0
+            p.copy_(noise.half().float())
+
+
+def build_unet(cfg: TinySD15Config = TinySD15Config()):
+    """The checkpoint's UNet as a ``diffusers.UNet2DConditionModel`` (fp32, eval mode)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**unet_diffusers_config(cfg))
+    _randomize_(unet, cfg.seed, cfg.init_std)
+    return unet.eval()
+
+
+def build_vae(cfg: TinySD15Config = TinySD15Config()):
+    """The checkpoint's VAE as a ``diffusers.AutoencoderKL`` (fp32, eval mode)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**SD_VAE_CONFIG)
+    _randomize_(vae, cfg.seed + 1, cfg.init_std)
+    return vae.eval()
+
+
+def build_text_encoder(cfg: TinySD15Config = TinySD15Config()):
+    """The checkpoint's text encoder as a ``transformers.CLIPTextModel`` (CLIP-L shape, fp32, eval mode)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
+    _randomize_(model, cfg.seed + 2, cfg.init_std)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# diffusers / transformers -> LDM key conversion
+# ----------------------------------------------------------------------------------------------------
+
+_UNET_RESNET_RENAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+_VAE_RESNET_RENAMES = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTN_RENAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename_leaf(rest: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        if rest == old or rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return rest
+
+
+def _split(key: str, n: int) -> tuple[list[str], str]:
+    parts = key.split(".")
+    return parts[:n], ".".join(parts[n:])
+
+
+def diffusers_unet_to_ldm(state_dict: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``UNet2DConditionModel`` state dict to the original LDM (SD1.x) keys.
+
+    LDM numbering: ``input_blocks.0`` is conv_in; level i's resnet j is ``input_blocks.{1 + i*(L+1) + j}``
+    (``.0`` the resnet, ``.1`` its transformer) and its downsampler ``input_blocks.{(i+1)*(L+1)}.0.op``.
+    Up levels have L+1 resnets: ``output_blocks.{i*(L+1) + j}``, the upsampler rides on the last one at
+    index ``.1`` or, after a transformer, ``.2``.
+    """
+    L = layers_per_block
+    up_has_attn = {k.split(".")[1] for k in state_dict if k.startswith("up_blocks.") and ".attentions." in k}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith("time_embedding.linear_"):
+            new = key.replace("time_embedding.linear_1", "time_embed.0").replace("time_embedding.linear_2", "time_embed.2")
+        elif key.startswith("conv_in."):
+            new = "input_blocks.0.0." + key[len("conv_in."):]
+        elif key.startswith("conv_norm_out."):
+            new = "out.0." + key[len("conv_norm_out."):]
+        elif key.startswith("conv_out."):
+            new = "out.2." + key[len("conv_out."):]
+        elif key.startswith("down_blocks."):
+            (_, i, kind, j), rest = _split(key, 4)
+            i, j = int(i), int(j)
+            if kind == "resnets":
+                new = f"input_blocks.{1 + i * (L + 1) + j}.0.{_rename_leaf(rest, _UNET_RESNET_RENAMES)}"
+            elif kind == "attentions":
+                new = f"input_blocks.{1 + i * (L + 1) + j}.1.{rest}"
+            elif kind == "downsamplers":
+                new = f"input_blocks.{(i + 1) * (L + 1)}.0.op.{rest.removeprefix('conv.')}"
+            else:
+                raise KeyError(f"unexpected UNet key {key}")
+        elif key.startswith("mid_block."):
+            (_, kind, j), rest = _split(key, 3)
+            if kind == "resnets":
+                new = f"middle_block.{2 * int(j)}.{_rename_leaf(rest, _UNET_RESNET_RENAMES)}"
+            elif kind == "attentions":
+                new = f"middle_block.1.{rest}"
+            else:
+                raise KeyError(f"unexpected UNet key {key}")
+        elif key.startswith("up_blocks."):
+            (_, i, kind, j), rest = _split(key, 4)
+            block = int(i) * (L + 1)
+            if kind == "resnets":
+                new = f"output_blocks.{block + int(j)}.0.{_rename_leaf(rest, _UNET_RESNET_RENAMES)}"
+            elif kind == "attentions":
+                new = f"output_blocks.{block + int(j)}.1.{rest}"
+            elif kind == "upsamplers":
+                slot = 2 if i in up_has_attn else 1
+                new = f"output_blocks.{block + L}.{slot}.{rest}"
+            else:
+                raise KeyError(f"unexpected UNet key {key}")
+        else:
+            raise KeyError(f"unexpected UNet key {key}")
+        out[new] = value
+    return out
+
+
+def diffusers_vae_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``AutoencoderKL`` state dict to the original LDM VAE keys.
+
+    Decoder levels are numbered in reverse in LDM (``decoder.up.3`` runs first), and the mid-block attention
+    uses 1x1 convolutions, so its linear weights gain two trailing unit dims.
+    """
+    n_up = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("decoder.up_blocks."))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith(("quant_conv.", "post_quant_conv.")):
+            out[key] = value
+            continue
+        side, rest = key.split(".", 1)  # encoder / decoder
+        if rest.startswith(("conv_in.", "conv_out.")):
+            new = rest
+        elif rest.startswith("conv_norm_out."):
+            new = "norm_out." + rest[len("conv_norm_out."):]
+        elif rest.startswith("down_blocks."):
+            (_, i, kind, j), leaf = _split(rest, 4)
+            if kind == "resnets":
+                new = f"down.{i}.block.{j}.{_rename_leaf(leaf, _VAE_RESNET_RENAMES)}"
+            else:  # downsamplers.0.conv
+                new = f"down.{i}.downsample.{leaf}"
+        elif rest.startswith("up_blocks."):
+            (_, i, kind, j), leaf = _split(rest, 4)
+            level = n_up - 1 - int(i)
+            if kind == "resnets":
+                new = f"up.{level}.block.{j}.{_rename_leaf(leaf, _VAE_RESNET_RENAMES)}"
+            else:  # upsamplers.0.conv
+                new = f"up.{level}.upsample.{leaf}"
+        elif rest.startswith("mid_block.resnets."):
+            (_, _, j), leaf = _split(rest, 3)
+            new = f"mid.block_{int(j) + 1}.{_rename_leaf(leaf, _VAE_RESNET_RENAMES)}"
+        elif rest.startswith("mid_block.attentions.0."):
+            leaf = _rename_leaf(rest[len("mid_block.attentions.0."):], _VAE_ATTN_RENAMES)
+            new = f"mid.attn_1.{leaf}"
+            if leaf.split(".")[0] in ("q", "k", "v", "proj_out") and leaf.endswith("weight") and value.ndim == 2:
+                value = value[:, :, None, None]
+        else:
+            raise KeyError(f"unexpected VAE key {key}")
+        out[f"{side}.{new}"] = value
+    return out
+
+
+def clip_text_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextModel keys (with or without the ``text_model.`` prefix, which transformers 5 drops) -> the
+    part after ``cond_stage_model.transformer.text_model.``."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("position_ids"):
+            continue  # a buffer, recomputed by every loader
+        out[key.removeprefix("text_model.")] = value
+    return out
+
+
+def ldm_state_dict(cfg: TinySD15Config = TinySD15Config(), models: Iterable | None = None) -> dict[str, torch.Tensor]:
+    """The full checkpoint in LDM layout (fp16). ``models`` = (unet, vae, text_encoder) to reuse built ones."""
+    unet, vae, text = models if models is not None else (build_unet(cfg), build_vae(cfg), build_text_encoder(cfg))
+    sd: dict[str, torch.Tensor] = {}
+    for k, v in diffusers_unet_to_ldm(unet.state_dict(), cfg.num_res_blocks).items():
+        sd[UNET_PREFIX + k] = v
+    for k, v in diffusers_vae_to_ldm(vae.state_dict()).items():
+        sd[VAE_PREFIX + k] = v
+    for k, v in clip_text_to_ldm(text.state_dict()).items():
+        sd[CLIP_PREFIX + k] = v
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# File
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint recorded in an existing checkpoint, or None when absent / unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # truncated or foreign file: regenerate
+        return None
+    if meta.get("facebooth.kind") != METADATA_KIND:
+        return None
+    return meta.get("facebooth.fingerprint")
+
+
+def write_random_sd15_checkpoint(path: str | Path, cfg: TinySD15Config = TinySD15Config(), *, force: bool = False) -> Path:
+    """Write the random SD1.5 checkpoint to ``path`` (atomically) unless an identical one is already there."""
+    path = Path(path)
+    if not force and read_fingerprint(path) == cfg.fingerprint():
+        log.info("Random SD1.5 checkpoint already present: %s", path)
+        return path
+    log.info("Writing random SD1.5 checkpoint (seed %d) to %s", cfg.seed, path)
+    metadata = {
+        "facebooth.kind": METADATA_KIND,
+        "facebooth.fingerprint": cfg.fingerprint(),
+        "facebooth.seed": str(cfg.seed),
+        "facebooth.format_version": FORMAT_VERSION,
+        "facebooth.base_model": "sd15",
+        "facebooth.note": "random weights for tests; produces noise, not pictures",
+    }
+    return atomic_save_safetensors(ldm_state_dict(cfg), path, metadata=metadata)
