@@ -340,7 +340,11 @@ class MTCNNDetector:
     # -- protocol ----------------------------------------------------------------------------
 
     def detect(self, image: torch.Tensor) -> list[DetectedFace]:
-        """All faces in one (H, W, 3) float RGB image in [0, 1], best score first."""
+        """All faces in one (H, W, 3) float RGB image in [0, 1], best score first.
+
+        Also accepts (H, W), (H, W, 1) grayscale, (H, W, 4) RGBA (alpha ignored) and uint8. Boxes are
+        the regressed O-Net boxes and may reach past the image border, as in facenet-pytorch.
+        """
         return self.detect_batch(_as_rgb(image)[None])[0]
 
     # -- batched -----------------------------------------------------------------------------
