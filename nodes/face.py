@@ -131,7 +131,7 @@ class FaceAnalyzerTorch(io.ComfyNode):
             if recognizer != _NONE:
                 from ..pipelines.face.arcface import load_arcface
 
-                rec = load_arcface(model_folders.resolve_file("facebooth/face", recognizer), device=dev)
+                rec = load_arcface(model_folders.resolve_file("facebooth/face", recognizer), device=dev, name=f"arcface:{recognizer}")
             parser = _load_parser(face_parser, dev)
             return FaceAnalyzer(detector=det, recognizer=rec, parser=parser, name=f"torch:{detector}+{recognizer}")
 
