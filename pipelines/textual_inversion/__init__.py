@@ -1,0 +1,16 @@
+"""Textual-inversion engine (test-time optimisation of injected token embeddings) and its model backends."""
+from .backend import EncodedImages, TextTower, TIBackend, ddpm_add_noise, ddpm_predicted_x0, ddpm_target
+from .engine import NonFiniteLossError, TextualInversionEngine, TIConfig, TIResult
+
+__all__ = [
+    "EncodedImages",
+    "NonFiniteLossError",
+    "TIBackend",
+    "TIConfig",
+    "TIResult",
+    "TextTower",
+    "TextualInversionEngine",
+    "ddpm_add_noise",
+    "ddpm_predicted_x0",
+    "ddpm_target",
+]
