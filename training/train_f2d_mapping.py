@@ -1,0 +1,248 @@
+"""Train Face2Diffusion's mapping networks with class-guided denoising regularization (paper Sec. 3.3-3.4).
+
+    python -m facebooth.training.train_f2d_mapping --pretrained-model sd-v1-4-diffusers/ \
+        --msid msid.pt --data-dir ffhq512/ --crop-dir ffhq_arcface112/ --mask-dir ffhq_facemasks/ \
+        --output-dir runs/f2d_mapping --batch-size 32 --lr 1e-5 --max-steps 100000
+
+Per step: the MSID encoder (frozen) turns the 112x112 crop into v_id; the mapping networks (the only trained
+weights) turn [v_id, v_exp or null_exp] (expression dropped with p = 0.2, eq. 4) into S* = [S1*, S2*], which
+replaces the placeholder pair of "a photo of f l" before the frozen CLIP text encoder. With the same noisy
+latent z_t, the frozen UNet predicts eps_hat for that prompt and eps_c for "a photo of a person", and
+
+    L = || eps_hat - (eps * M + eps_c * (1 - M)) ||^2        (eq. 7)
+
+with M the face-parsing mask at latent resolution (whole image when no mask is given). Output:
+``<output-dir>/mapping.safetensors`` (official keys + metadata), loadable by ``load_mapping``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..pipelines.face2diffusion.expression import TRAIN_EXPRESSION_DROPOUT, expression_dropout_mask
+from ..pipelines.face2diffusion.injection import DEFAULT_PLACEHOLDER, IdentityTokens, encode_with_identities, find_identity_slots, placeholder_token_id
+from ..pipelines.face2diffusion.loading import load_mapping, load_msid, save_mapping
+from ..pipelines.face2diffusion.mapping import F2DMapping, F2DMappingConfig
+from .f2d_data import (
+    FaceMappingDataset,
+    StepBatches,
+    append_log,
+    checkpoint_dir,
+    load_run_state,
+    lr_at,
+    resolve_resume,
+    save_run_state,
+    truncate_log,
+)
+
+log = logging.getLogger("FaceBooth")
+
+
+def cgdr_target(eps: torch.Tensor, eps_class: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 7's target: the true noise on the face, the class prompt's prediction elsewhere.
+
+    ``mask`` (B, 1, h, w) at latent resolution, 1 = face region.
+    """
+    return eps * mask + eps_class * (1 - mask)
+
+
+def cgdr_loss(eps_hat: torch.Tensor, eps: torch.Tensor, eps_class: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(eps_hat.float(), cgdr_target(eps.float(), eps_class.detach().float(), mask.float()))
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pixel mask (B, 1, H, W) -> latent grid by area averaging (soft at the face boundary)."""
+    return F.interpolate(mask.float(), size=size, mode="area")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m facebooth.training.train_f2d_mapping", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained-model", required=True, help="diffusers folder of an SD1.x model (unet, vae, text_encoder, tokenizer, scheduler)")
+    p.add_argument("--msid", required=True, help="MSID encoder weights: official msid.pt or ours")
+    p.add_argument("--init-mapping", default=None, help="fine-tune from this mapping file instead of a fresh init")
+    p.add_argument("--data-dir", required=True, help="face images (FFHQ-aligned), resized to --resolution")
+    p.add_argument("--crop-dir", required=True, help="ArcFace-aligned 112x112 crops with the same file names")
+    p.add_argument("--mask-dir", default=None, help="face-parsing masks with the same file names (white = face); whole image if absent")
+    p.add_argument("--expression-dir", default=None, help="<name>.npy with 64 expression coefficients; null vector if absent")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--prompt", default="a photo of f l", help="training prompt with the placeholder pair")
+    p.add_argument("--class-prompt", default="a photo of a person", help="super-class prompt for CGDR")
+    p.add_argument("--placeholder", default=DEFAULT_PLACEHOLDER)
+    p.add_argument("--exp-dropout", type=float, default=TRAIN_EXPRESSION_DROPOUT)
+    p.add_argument("--mapping-hidden", type=int, default=None, help="hidden width of a fresh mapping (default: the identity width)")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--max-steps", type=int, default=100_000)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="UNet gradient checkpointing (less memory)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoints/step-* folder")
+    p.add_argument("--log-every", type=int, default=1)
+    return p
+
+
+def _load_sd(path: str, dtype: torch.dtype, device: torch.device):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = Path(path)
+    if not (root / "unet").is_dir():
+        raise FileNotFoundError(f"{root} is not a diffusers model folder (no unet/). Convert the checkpoint to diffusers format first.")
+    tokenizer = CLIPTokenizer.from_pretrained(str(root), subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(str(root), subfolder="text_encoder", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=dtype)
+    scheduler = DDPMScheduler.from_pretrained(str(root), subfolder="scheduler")
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False)
+        m.eval()
+        m.to(device=device)
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+def _prompt_ids(tokenizer, prompt: str, length: int = 77) -> torch.Tensor:
+    """Padded to the text encoder's window (77 for CLIP), as the official pipeline does."""
+    return tokenizer(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from accelerate import Accelerator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed + accelerator.process_index)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+
+    tokenizer, text_encoder, vae, unet, noise_scheduler = _load_sd(args.pretrained_model, weight_dtype, device)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    msid = load_msid(args.msid, device=device, dtype=weight_dtype).eval().requires_grad_(False)
+    text_width = text_encoder.config.hidden_size
+    if args.init_mapping:
+        mapping = load_mapping(args.init_mapping)
+        if mapping.config.id_dim != msid.feature_dim or mapping.config.out_dim != text_width:
+            raise ValueError(
+                f"--init-mapping is {mapping.config.id_dim}->{mapping.config.out_dim}, but the MSID gives {msid.feature_dim} "
+                f"and the text encoder is {text_width} wide."
+            )
+    else:
+        mapping = F2DMapping(F2DMappingConfig(
+            id_dim=msid.feature_dim, hidden_dim=args.mapping_hidden or msid.feature_dim, out_dim=text_width, dropout=args.dropout,
+        ))
+    mapping.train()
+
+    pid = placeholder_token_id(tokenizer, args.placeholder)
+    window = text_encoder.config.max_position_embeddings
+    ids = _prompt_ids(tokenizer, args.prompt, window)
+    find_identity_slots(ids[0].tolist(), [pid])  # fail now, with the message, if the prompt lacks the placeholder
+    class_ids = _prompt_ids(tokenizer, args.class_prompt, window).to(device)
+    with torch.no_grad():
+        class_cond = text_encoder(input_ids=class_ids)[0]
+    ids = ids.to(device)
+
+    data = FaceMappingDataset(args.data_dir, args.crop_dir, resolution=args.resolution, mask_dir=args.mask_dir,
+                              expression_dir=args.expression_dir, crop_size=msid.config.img_size)
+    batches = StepBatches(len(data), args.batch_size, args.seed, flip=not args.no_flip,
+                          rank=accelerator.process_index, world=accelerator.num_processes)
+    optimizer = torch.optim.AdamW(mapping.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    step = 0
+    resume_from = resolve_resume(out, args.resume)
+    if resume_from is not None:
+        info = load_run_state(resume_from, {"mapping": mapping}, optimizer, rank=accelerator.process_index, scaler=accelerator.scaler)
+        step = int(info["step"])
+        if accelerator.is_main_process:
+            truncate_log(out, step)
+        log.info("Resumed from %s at step %d.", resume_from, step)
+    mapping, optimizer = accelerator.prepare(mapping, optimizer)
+    prediction = noise_scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"Unsupported prediction type {prediction!r}; Face2Diffusion targets SD1.x (epsilon).")
+    scaling = getattr(vae.config, "scaling_factor", 0.18215)
+
+    def save(at: int) -> None:
+        accelerator.wait_for_everyone()
+        unwrapped = accelerator.unwrap_model(mapping)
+        save_run_state(checkpoint_dir(out, at), at, {"mapping": unwrapped}, optimizer, rank=accelerator.process_index,
+                       is_main=accelerator.is_main_process, scaler=accelerator.scaler, keep=args.keep_checkpoints)
+        if accelerator.is_main_process:
+            save_mapping(unwrapped, out / "mapping.safetensors", {"trained_steps": at, "prompt": args.prompt, "class_prompt": args.class_prompt})
+
+    log.info("F2D mapping training: %d images, to step %d.", len(data), args.max_steps)
+    t0 = time.perf_counter()
+    while step < args.max_steps:
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        # one optimizer step = gradient_accumulation_steps micro-batches (micro-batch index from the step)
+        for micro in range(args.gradient_accumulation_steps):
+            indices, flips = batches(step * args.gradient_accumulation_steps + micro)
+            batch = data.batch(indices, flips)
+            with accelerator.accumulate(mapping):
+                loss = _cgdr_step(batch, mapping, msid, vae, unet, text_encoder, noise_scheduler, ids, class_cond,
+                                  pid, args.exp_dropout, scaling, prediction, device, weight_dtype, accelerator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(mapping.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += float(loss.detach())
+        step += 1
+        if accelerator.is_main_process and (step % args.log_every == 0 or step == args.max_steps):
+            append_log(out, {"step": step, "loss": loss_sum / args.gradient_accumulation_steps, "lr": lr})
+        if step % args.save_every == 0 or step == args.max_steps:
+            save(step)
+    log.info("Mapping training done: step %d in %.1fs, weights in %s", step, time.perf_counter() - t0, out / "mapping.safetensors")
+    accelerator.end_training()
+    return 0
+
+
+def _cgdr_step(batch, mapping, msid, vae, unet, text_encoder, noise_scheduler, ids, class_cond, pid, exp_dropout,
+               scaling, prediction, device, weight_dtype, accelerator) -> torch.Tensor:
+    pixels = batch["pixel_values"].to(device=device, dtype=weight_dtype)
+    bsz = pixels.shape[0]
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample() * scaling
+        id_vec = msid(batch["id_pixels"].to(device=device, dtype=weight_dtype)).float()
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device).long()
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    exp_mask = expression_dropout_mask(batch["has_expression"].to(device), exp_dropout)
+    with accelerator.autocast():
+        tokens = mapping(id_vec, batch["expression"].to(device), exp_mask)  # (B, 2, D)
+        cond = encode_with_identities(text_encoder, ids.expand(bsz, -1), [IdentityTokens(pid, tokens.to(weight_dtype))])[0]
+        eps_hat = unet(noisy, timesteps, cond).sample
+        with torch.no_grad():
+            eps_class = unet(noisy, timesteps, class_cond.expand(bsz, -1, -1)).sample
+    target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+    mask = latent_mask(batch["mask"].to(device), latents.shape[-2:])
+    loss = cgdr_loss(eps_hat, target, eps_class, mask)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"Mapping loss became {loss.item()}; lower --lr or use --mixed-precision no.")
+    return loss
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Pretrain Face2Diffusion's MSID encoder with the multi-scale ArcFace loss (paper Sec. 3.2, eq. 3).
+
+    python -m facebooth.training.train_f2d_msid --data-dir faces_by_identity/ --output-dir runs/msid \
+        --batch-size 1024 --lr 1e-3 --max-steps 200000 --save-every 2000
+
+Paper recipe: ViT with 12 blocks on MS1M, 30 epochs, batch 1024, lr 1e-3, feature blocks {3, 6, 9, 12}
+(0-based 2, 5, 8, 11). Eq. 3 is the ArcFace loss on the concatenated multi-scale vector v_id (1536-d) — one
+margin head over the concatenation, which already makes every level carry identity because each level's
+BN+LN-normalised CLS token is a quarter of v_id. ``--level-heads`` adds one ArcFace head per level (384-d) on
+top of it, averaged with the concat loss: a stronger, explicit version of "encourage the shallower layers to
+discriminate identities", not what eq. 3 writes.
+
+Output: ``<output-dir>/msid.safetensors`` (official key layout + metadata), loadable by
+``facebooth.pipelines.face2diffusion.load_msid``. Resumable with ``--resume latest``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..pipelines.face2diffusion.loading import load_msid, save_msid
+from ..pipelines.face2diffusion.msid import MSIDConfig, MSIDEncoder, level_slices
+from .f2d_data import (
+    IdentityFolderDataset,
+    StepBatches,
+    append_log,
+    checkpoint_dir,
+    load_run_state,
+    lr_at,
+    resolve_resume,
+    save_run_state,
+    truncate_log,
+)
+
+log = logging.getLogger("FaceBooth")
+
+
+class ArcFaceHead(nn.Module):
+    """Additive angular margin softmax (ArcFace): logits s*cos(theta + m) for the true class, s*cos(theta) else."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 64.0, margin: float = 0.5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) * 0.01)
+        self.scale, self.margin = scale, margin
+        # Beyond theta = pi - m, cos(theta + m) stops decreasing; fall back to a linear penalty there (standard).
+        self.th = math.cos(math.pi - margin)
+        self.mm = math.sin(math.pi - margin) * margin
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cos = F.linear(F.normalize(feats.float()), F.normalize(self.weight.float())).clamp(-1 + 1e-7, 1 - 1e-7)
+        target = cos.gather(1, labels[:, None])
+        sin = (1 - target.square()).clamp_min(0).sqrt()
+        with_margin = target * math.cos(self.margin) - sin * math.sin(self.margin)
+        with_margin = torch.where(target > self.th, with_margin, target - self.mm)
+        logits = cos.scatter(1, labels[:, None], with_margin) * self.scale
+        return F.cross_entropy(logits, labels)
+
+
+class MultiScaleArcFace(nn.Module):
+    """Eq. 3 on the concatenated v_id, plus optional per-level heads."""
+
+    def __init__(self, config: MSIDConfig, num_classes: int, scale: float, margin: float, level_heads: bool):
+        super().__init__()
+        self.concat = ArcFaceHead(config.feature_dim, num_classes, scale, margin)
+        self.slices = list(level_slices(config)) if level_heads else []
+        self.levels = nn.ModuleList(ArcFaceHead(config.embed_dim, num_classes, scale, margin) for _ in self.slices)
+
+    def forward(self, v_id: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.concat(v_id, labels)
+        parts = {"loss_concat": float(loss.detach())}
+        if self.levels:
+            level_losses = [head(v_id[:, s], labels) for head, s in zip(self.levels, self.slices)]
+            for k, l in enumerate(level_losses):
+                parts[f"loss_level{k}"] = float(l.detach())
+            loss = (loss + torch.stack(level_losses).sum()) / (1 + len(level_losses))
+        return loss, parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m facebooth.training.train_f2d_msid", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", required=True, help="one sub-folder per identity with ArcFace-aligned 112x112 crops")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--init", default=None, help="start from this MSID file (official msid.pt or ours) instead of random")
+    # encoder shape (defaults: the official msid_base_patch8_112)
+    p.add_argument("--img-size", type=int, default=112)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--embed-dim", type=int, default=384)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--num-heads", type=int, default=12)
+    p.add_argument("--feature-blocks", type=int, nargs="+", default=[2, 5, 8, 11], help="0-based block indices")
+    # loss
+    p.add_argument("--scale", type=float, default=64.0, help="ArcFace s")
+    p.add_argument("--margin", type=float, default=0.5, help="ArcFace m")
+    p.add_argument("--level-heads", action="store_true", help="also one ArcFace head per level (beyond eq. 3)")
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=1024, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
+    p.add_argument("--max-steps", type=int, default=None, help="default: --epochs worth of steps")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-grad-norm", type=float, default=5.0)
+    p.add_argument("--no-flip", action="store_true", help="disable random horizontal flips")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--seed", type=int, default=0)
+    # run state
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint + msid.safetensors every N steps")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoints/step-* folder")
+    p.add_argument("--log-every", type=int, default=1)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from accelerate import Accelerator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed + accelerator.process_index)
+
+    if args.init:
+        model = load_msid(args.init).train()
+        cfg = model.config
+    else:
+        cfg = MSIDConfig(
+            img_size=args.img_size, patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth,
+            num_heads=args.num_heads, feature_blocks=tuple(args.feature_blocks),
+        )
+        model = MSIDEncoder(cfg)
+    data = IdentityFolderDataset(args.data_dir, image_size=cfg.img_size)
+    heads = MultiScaleArcFace(cfg, data.num_classes, args.scale, args.margin, args.level_heads)
+    batches = StepBatches(len(data), args.batch_size, args.seed, flip=not args.no_flip,
+                          rank=accelerator.process_index, world=accelerator.num_processes)
+    max_steps = args.max_steps or args.epochs * batches.per_epoch
+    params = list(model.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+    step = 0
+    resume_from = resolve_resume(out, args.resume)
+    if resume_from is not None:
+        info = load_run_state(resume_from, {"model": model, "heads": heads}, optimizer, rank=accelerator.process_index,
+                              scaler=accelerator.scaler)
+        step = int(info["step"])
+        if accelerator.is_main_process:
+            truncate_log(out, step)
+        log.info("Resumed from %s at step %d.", resume_from, step)
+    model, heads, optimizer = accelerator.prepare(model, heads, optimizer)
+    model.train()
+    heads.train()
+    log.info("MSID pretraining: %d images, %d identities, %d steps/epoch, to step %d.", len(data), data.num_classes, batches.per_epoch, max_steps)
+
+    def save(at: int) -> None:
+        accelerator.wait_for_everyone()
+        save_run_state(checkpoint_dir(out, at), at, {"model": accelerator.unwrap_model(model), "heads": accelerator.unwrap_model(heads)},
+                       optimizer, rank=accelerator.process_index, is_main=accelerator.is_main_process,
+                       scaler=accelerator.scaler, keep=args.keep_checkpoints,
+                       extra={"num_classes": data.num_classes, "identities": data.identities[:1000]})
+        if accelerator.is_main_process:
+            save_msid(accelerator.unwrap_model(model), out / "msid.safetensors", {"trained_steps": at, "num_identities": data.num_classes})
+
+    t0 = time.perf_counter()
+    while step < max_steps:
+        indices, flips = batches(step)
+        batch = data.batch(indices, flips)
+        lr = lr_at(step, args.lr, args.warmup_steps, max_steps, args.lr_schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        pixels = batch["pixels"].to(accelerator.device)
+        labels = batch["labels"].to(accelerator.device)
+        with accelerator.autocast():
+            v_id = model(pixels)
+            loss, parts = heads(v_id, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"MSID loss became {loss.item()} at step {step}; lower --lr or use --mixed-precision no.")
+        accelerator.backward(loss)
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if accelerator.is_main_process and (step % args.log_every == 0 or step == max_steps):
+            append_log(out, {"step": step, "loss": float(loss.detach()), "lr": lr, **parts})
+        if step % args.save_every == 0 or step == max_steps:
+            save(step)
+    log.info("MSID pretraining done: step %d in %.1fs, weights in %s", step, time.perf_counter() - t0, out / "msid.safetensors")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
