@@ -127,17 +127,6 @@ def _want_cpu(device: str) -> bool:
         return True
 
 
-def _startup_problems(log_text: str, link_name: str = "FaceBooth") -> list[str]:
-    """Lines of ComfyUI's startup log saying the pack (or part of it) failed to import."""
-    problems = []
-    for line in log_text.splitlines():
-        if ("IMPORT FAILED" in line or "Cannot import" in line) and link_name in line:
-            problems.append(line.strip())
-        elif line.startswith("FaceBooth:") and "could not be loaded" in line:
-            problems.append(line.strip())
-    return problems
-
-
 def _save_outputs(result: Result, outputs, out_dir: Path) -> list[tuple[str, "object"]]:
     tiles = []
     images = ex.to_pil(outputs)
@@ -251,7 +240,13 @@ def _run_on_server(args, workflows: list[Path]) -> int:
 
 
 def _run_local(args, workflows: list[Path]) -> int:
-    from ..runner.server import ComfyServer, ComfyServerError, ComfyUINotFoundError, check_comfyui_dir
+    from ..runner.server import (
+        ComfyServer,
+        ComfyServerError,
+        ComfyUINotFoundError,
+        check_comfyui_dir,
+        pack_import_problems,
+    )
 
     try:
         comfyui_dir = check_comfyui_dir(args.comfyui_dir or os.environ.get("COMFYUI_DIR"))
@@ -275,7 +270,7 @@ def _run_local(args, workflows: list[Path]) -> int:
             log.error("%s", exc)
             return EXIT_SETUP
         try:
-            for problem in _startup_problems(server.startup_log()):
+            for problem in pack_import_problems(server.startup_log()):
                 log.warning("ComfyUI reported a FaceBooth import problem: %s", problem)
             client = server.client
             try:

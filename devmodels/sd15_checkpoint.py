@@ -335,6 +335,53 @@ def ldm_state_dict(cfg: TinySD15Config = TinySD15Config(), models: Iterable | No
     return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
 
 
+def _load_into(model: torch.nn.Module, to_ldm, file_sd: dict[str, torch.Tensor], prefix: str) -> torch.nn.Module:
+    """Fill a meta-device ``model`` from LDM-layout tensors, using the forward key map (one key in, one out,
+    order kept) so the names are exactly those the file was written with."""
+    own = model.state_dict()
+    ldm_names = list(to_ldm(own).keys())
+    if len(ldm_names) != len(own):
+        raise RuntimeError("key conversion is not one-to-one")
+    state = {}
+    for (name, ref), ldm in zip(own.items(), ldm_names):
+        if prefix + ldm not in file_sd:
+            raise KeyError(f"{prefix + ldm} missing from the checkpoint")
+        state[name] = file_sd[prefix + ldm].to(torch.float32).reshape(ref.shape)
+    model.load_state_dict(state, strict=True, assign=True)
+    for name, buf in model.named_buffers():
+        if buf.is_meta:  # non-persistent buffers are not in files; only CLIP's position ids exist here
+            if not name.endswith("position_ids"):
+                raise RuntimeError(f"cannot materialise buffer {name}")
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
+    return model.eval()
+
+
+def load_reference_models(path: str | Path):
+    """(unet, vae, text_encoder) as diffusers / transformers fp32 models, read from a checkpoint written by
+    ``write_random_sd15_checkpoint``. Same weights as ``build_*`` for its config, without the slow random init."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    fingerprint = read_fingerprint(path)
+    if fingerprint is None:
+        raise ValueError(f"{path} was not written by write_random_sd15_checkpoint")
+    data = json.loads(fingerprint)
+    data.pop("format_version", None)
+    cfg = TinySD15Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    file_sd = load_file(str(path))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_diffusers_config(cfg))
+        vae = AutoencoderKL(**SD_VAE_CONFIG)
+        text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
+    return (
+        _load_into(unet, lambda sd: diffusers_unet_to_ldm(sd, cfg.num_res_blocks), file_sd, UNET_PREFIX),
+        _load_into(vae, diffusers_vae_to_ldm, file_sd, VAE_PREFIX),
+        _load_into(text, clip_text_to_ldm, file_sd, CLIP_PREFIX),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # File
 # ----------------------------------------------------------------------------------------------------

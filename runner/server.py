@@ -56,6 +56,26 @@ def check_comfyui_dir(comfyui_dir: str | os.PathLike | None) -> Path:
     return path
 
 
+def pack_import_problems(startup_log: str, link_name: str = "FaceBooth") -> list[str]:
+    """Lines of ComfyUI's startup log that say the pack, or one of its node modules, failed to import.
+
+    ComfyUI marks a pack that raised on import with "Cannot import ..." and "(IMPORT FAILED)"; our own
+    ``nodes/__init__.py`` logs "FaceBooth: the <module> nodes could not be loaded" and keeps the rest. A
+    traceback frame inside the pack's folder during startup counts too.
+    """
+    problems = []
+    pack_path = f"custom_nodes{os.sep}{link_name}{os.sep}"
+    for line in startup_log.splitlines():
+        text = line.strip()
+        if ("IMPORT FAILED" in text or "Cannot import" in text) and link_name in text:
+            problems.append(text)
+        elif text.startswith("FaceBooth:") and "could not be loaded" in text:
+            problems.append(text)
+        elif text.startswith('File "') and pack_path in text:
+            problems.append(text)
+    return problems
+
+
 def link_pack(base_dir: str | os.PathLike, pack_dir: str | os.PathLike, name: str = "FaceBooth") -> Path:
     """Install the pack into ``base_dir/custom_nodes/<name>`` as a symlink, the way users install from git."""
     link = Path(base_dir) / "custom_nodes" / name
