@@ -211,6 +211,10 @@ def run(args) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_SETUP
+    for face in args.face or []:
+        if not face.expanduser().is_file():
+            log.error("Face image not found: %s", face)
+            return EXIT_SETUP
     if args.server:
         return _run_on_server(args, workflows)
     return _run_local(args, workflows)
@@ -223,10 +227,15 @@ def _run_on_server(args, workflows: list[Path]) -> int:
     try:
         client.system_stats()
         checkpoint = args.checkpoint or DEFAULT_CHECKPOINT_NAME
-        if os.sep in checkpoint or Path(checkpoint).is_file():
-            log.error("With --server, --checkpoint must be a name that server lists in models/checkpoints, not a path.")
-            return EXIT_SETUP
-        ex.check_checkpoint_available(client, checkpoint)
+        try:
+            ex.check_checkpoint_available(client, checkpoint)
+        except ex.MissingModelError as exc:
+            if Path(checkpoint).expanduser().is_file():
+                raise ex.MissingModelError(
+                    f"{exc} With --server, --checkpoint is a name that server lists, not a local path; "
+                    "copy the file into its models/checkpoints or use --comfyui-dir instead."
+                ) from exc
+            raise
         subs = {"CHECKPOINT": checkpoint, "SEED": args.seed, **ex.upload_faces(client, args.face, args.seed)}
     except (ComfyUnreachableError, ex.MissingModelError, FileNotFoundError) as exc:
         log.error("%s", exc)

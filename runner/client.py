@@ -198,6 +198,8 @@ class ComfyClient:
                 self._events.close()
                 self._events = None
                 continue
+            if msg is not None and _is_end_of(msg, prompt_id):
+                next_poll = 0.0  # confirm through /history right away
             if msg is not None and on_progress is not None:
                 event = _to_event(msg, prompt_id, workflow)
                 if event is not None:
@@ -277,6 +279,16 @@ class ComfyClient:
 
 def _node_sort_key(node_id: str):
     return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+
+
+def _is_end_of(msg: dict, prompt_id: str) -> bool:
+    data = msg.get("data") or {}
+    if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
+        return False
+    kind = msg.get("type")
+    return kind in ("execution_success", "execution_error", "execution_interrupted") or (
+        kind == "executing" and data.get("node") is None
+    )
 
 
 def _to_event(msg: dict, prompt_id: str, workflow: dict) -> ProgressEvent | None:

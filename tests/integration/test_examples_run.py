@@ -28,6 +28,118 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subproces
     )
 
 
+# ---------------------------------------------------------------------------------------- placeholders (no ComfyUI)
+
+
+def test_placeholders_are_found_and_filled_with_their_json_type():
+    wf = {
+        "1": {"class_type": "A", "inputs": {"seed": "$SEED", "name": "$CHECKPOINT", "prefix": "out/${WORKFLOW}_x",
+                                            "link": ["2", 0], "literal": "$lower is not a placeholder"}},
+        "2": {"class_type": "B", "inputs": {"items": ["$FACE_IMAGE", 3]}},
+    }
+    assert ex.find_placeholders(wf) == {"SEED", "CHECKPOINT", "WORKFLOW", "FACE_IMAGE"}
+    out = ex.substitute(wf, {"SEED": 7, "CHECKPOINT": "m.safetensors", "WORKFLOW": "w", "FACE_IMAGE": "f.png"})
+    assert out["1"]["inputs"] == {"seed": 7, "name": "m.safetensors", "prefix": "out/w_x", "link": ["2", 0],
+                                  "literal": "$lower is not a placeholder"}
+    assert out["2"]["inputs"]["items"] == ["f.png", 3]
+    assert wf["1"]["inputs"]["seed"] == "$SEED"  # the original is untouched
+
+
+def test_missing_placeholder_names_it_and_says_how_to_set_it():
+    with pytest.raises(ex.PlaceholderError) as info:
+        ex.substitute({"1": {"class_type": "A", "inputs": {"x": "$NOPE", "y": "$SEED"}}}, {"SEED": 1}, name="demo")
+    assert "demo" in str(info.value) and "$NOPE" in str(info.value) and "--set NOPE=" in str(info.value)
+
+
+def test_workflow_listing_and_loading(tmp_path):
+    for name in ("a_one_api.json", "a_two_api.json", "b_api.json", "b.json"):
+        (tmp_path / name).write_text(BASIC.read_text())
+    assert [p.name for p in ex.list_workflows(tmp_path)] == ["a_one_api.json", "a_two_api.json", "b_api.json"]
+    assert [ex.workflow_name(p) for p in ex.list_workflows(tmp_path, ["a_*"])] == ["a_one", "a_two"]
+    assert ex.list_workflows(tmp_path, ["zzz"]) == []
+    ui = tmp_path / "ui.json"
+    ui.write_text('{"nodes": [], "links": []}')
+    with pytest.raises(ValueError, match="UI-format"):
+        ex.load_workflow(ui)
+    assert ex.load_workflow(BASIC)["3"]["class_type"] == "KSampler"
+
+
+def test_every_example_workflow_is_api_format_with_known_placeholders():
+    known = set(ex.EDITOR_DEFAULTS) | {"WORKFLOW"}
+    for path in ex.list_workflows():
+        unknown = ex.find_placeholders(ex.load_workflow(path)) - known
+        assert not unknown, f"{path.name} uses placeholders the runner does not provide: {sorted(unknown)}"
+
+
+def test_prepare_base_dir_links_pack_and_user_checkpoint(tmp_path):
+    """--checkpoint as a path or as a name from the user's ComfyUI; no random models needed for this."""
+    ckpt = tmp_path / "mine.safetensors"
+    ckpt.write_bytes(b"x")
+    setup = ex.prepare_base_dir(tmp_path / "base", checkpoint=ckpt, face_models=False)
+    link = setup.base_dir / "custom_nodes" / "FaceBooth"
+    assert link.is_symlink() and link.resolve() == REPO
+    assert setup.checkpoint_name == "mine.safetensors" == setup.substitutions["CHECKPOINT"]
+    assert (setup.base_dir / "models" / "checkpoints" / "mine.safetensors").resolve() == ckpt
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "models" / "checkpoints").mkdir(parents=True)
+    (comfy / "models" / "checkpoints" / "named.safetensors").write_bytes(b"y")
+    setup2 = ex.prepare_base_dir(tmp_path / "base2", checkpoint="named.safetensors", comfyui_dir=comfy, face_models=False)
+    assert setup2.checkpoint_name == "named.safetensors"
+    with pytest.raises(ex.MissingModelError, match="not_there.safetensors"):
+        ex.prepare_base_dir(tmp_path / "base3", checkpoint="not_there.safetensors", comfyui_dir=comfy, face_models=False)
+
+
+def test_cli_exits_2_for_a_missing_face_image(tmp_path):
+    proc = _cli("--face", str(tmp_path / "nope.png"), "--comfyui-dir", str(tmp_path), "--out", str(tmp_path), timeout=120)
+    assert proc.returncode == 2 and "Face image not found" in proc.stderr
+
+
+def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    import struct
+
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        return head + bytes([n]) + payload
+    if n < 65536:
+        return head + bytes([126]) + struct.pack(">H", n) + payload
+    return head + bytes([127]) + struct.pack(">Q", n) + payload
+
+
+def test_event_socket_reads_text_fragmented_and_long_frames_and_answers_pings():
+    import json
+    import socket
+
+    from facebooth.runner.client import _EventSocket
+
+    a, b = socket.socketpair()
+    try:
+        ev = _EventSocket(a, b"")
+        long_msg = {"type": "progress", "data": {"value": 1, "pad": "x" * 70000}}
+        b.sendall(
+            _frame(0x1, json.dumps({"type": "status"}).encode())
+            + _frame(0x2, b"\x00preview")  # binary preview: skipped
+            + _frame(0x1, b'{"type": "exe', fin=False) + _frame(0x0, b'cuting"}')
+            + _frame(0x9, b"hi")  # ping
+            + _frame(0x1, json.dumps(long_msg).encode())
+        )
+        got = [ev.receive(1.0) for _ in range(6)]
+        assert got[0] == {"type": "status"}
+        assert got[1] is None  # binary message
+        assert got[2] is None and got[3] == {"type": "executing"}  # fragment, then the completed message
+        assert got[4] is None  # ping
+        assert got[5] == long_msg  # 8-byte length form
+        pong = b.recv(64)
+        assert pong[0] == 0x8A and pong[1] & 0x80  # FIN+pong, masked as clients must
+        assert ev.receive(0.1) is None  # nothing pending: times out quietly
+        b.sendall(_frame(0x8, b""))
+        with pytest.raises(OSError):
+            ev.receive(1.0)
+    finally:
+        a.close()
+        b.close()
+
+
 # ---------------------------------------------------------------------------------------- runner API
 
 

@@ -47,3 +47,26 @@ def test_facebooth_nodes_live_under_the_facebooth_category(comfy_server):
 
 def test_random_checkpoint_is_listed(comfy_server, random_checkpoint_name):
     assert random_checkpoint_name in comfy_server.client.models("checkpoints")
+
+
+def test_import_problem_detection_on_real_log_lines():
+    """No ComfyUI needed: the detector flags the lines ComfyUI and our nodes/__init__ write on failures."""
+    ok_log = (
+        "Import times for custom nodes:\n"
+        "   0.1 seconds: /tmp/base/custom_nodes/FaceBooth\n"
+        "   0.0 seconds: /tmp/base/custom_nodes/websocket_image_save.py\n"
+    )
+    assert pack_import_problems(ok_log) == []
+    failed_pack = (
+        "Cannot import /tmp/base/custom_nodes/FaceBooth module for custom nodes: No module named 'x'\n"
+        "   0.0 seconds (IMPORT FAILED): /tmp/base/custom_nodes/FaceBooth\n"
+    )
+    assert len(pack_import_problems(failed_pack)) == 2
+    failed_module = (
+        "FaceBooth: the face nodes could not be loaded and are disabled\n"
+        "Traceback (most recent call last):\n"
+        '  File "/tmp/base/custom_nodes/FaceBooth/nodes/__init__.py", line 19, in collect_nodes\n'
+    )
+    assert len(pack_import_problems(failed_module)) == 2
+    other_pack = "   0.0 seconds (IMPORT FAILED): /tmp/base/custom_nodes/SomethingElse\n"
+    assert pack_import_problems(other_pack) == []
