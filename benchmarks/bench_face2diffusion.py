@@ -1,0 +1,162 @@
+"""Face2Diffusion cost: face encoding latency, and sampling with F2D conditioning vs plain text conditioning.
+
+    python benchmarks/bench_face2diffusion.py [--device cpu|cuda] [--size small|sd15]
+
+Random weights in the real shapes (nothing is downloaded):
+- encode: official-size MSID encoder (ViT-S/8, 112 px) + mapping networks (1536 -> 768) for one aligned face;
+- sampling: prompt encoding + an Euler-ancestral denoising loop with classifier-free guidance (batch 2), once with
+  the F2D-injected prompt "a photo of f l" and once with the plain prompt, alternated in the same process.
+  ``small``: CLIP-L-width text encoder (4 layers), a 2-level UNet (64/128 channels, cross-attention 768),
+  16x16 latents, 10 steps. ``sd15``: CLIP-L (12 layers) and the SD1.5 UNet at 64x64 latents, 30 steps (the paper's setting).
+
+Absolute times count only on a GPU (paper: 6 ms encoding on an A100); on CPU only the ratio counts.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from facebooth.pipelines.face2diffusion import (  # the pack installed as `facebooth` (pip install -e .)
+    F2DMapping,
+    IdentityTokens,
+    MSIDEncoder,
+    encode_with_identities,
+)
+
+# "a photo of f l" and "" in the SD1 CLIP BPE vocabulary, padded to 77 with <|endoftext|>.
+BOS, EOS, F_ID = 49406, 49407, 325
+PROMPT = [BOS, 320, 1125, 539, 325, 331, EOS]
+EMPTY = [BOS, EOS]
+
+
+def _pad(ids: list[int]) -> torch.Tensor:
+    return torch.tensor([ids + [EOS] * (77 - len(ids))])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _clock(device: torch.device):
+    # On a shared CPU, wall time mostly measures other people's load; the CPU time of this (single, see
+    # --threads) thread does not. On CUDA, wall time with synchronisation.
+    return time.perf_counter if device.type == "cuda" else time.thread_time
+
+
+def _timed(fn, device: torch.device) -> float:
+    clock = _clock(device)
+    _sync(device)
+    t = clock()
+    fn()
+    _sync(device)
+    return clock() - t
+
+
+def build(size: str, device: torch.device, dtype: torch.dtype):
+    from diffusers import EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    msid = MSIDEncoder().eval()
+    mapping = F2DMapping().eval()
+    layers = 12 if size == "sd15" else 4
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=layers, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
+    )).eval()
+    if size == "sd15":
+        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # diffusers' defaults are the SD1.x UNet
+        latent = 64
+        steps = 30
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        latent = 16
+        steps = 10
+    sched = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    mods = [m.to(device=device, dtype=dtype).eval() for m in (msid, mapping, text, unet)]
+    return (*mods, sched, latent, steps)
+
+
+@torch.inference_mode()
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--size", default="small", choices=["small", "sd15"])
+    ap.add_argument("--repeats", type=int, default=5, help="alternating F2D / text runs")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: CPU-time measurement is exact)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        if args.threads != 1:
+            print("warning: with several threads the CPU-time clock only sees the main thread; use --threads 1")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    torch.set_grad_enabled(False)
+    msid, mapping, text, unet, sched, latent, steps = build(args.size, device, dtype)
+    steps = args.steps or steps
+    clock = "wall time" if device.type == "cuda" else "thread CPU time"
+    print(f"device={device} size={args.size} dtype={dtype} steps={steps} latent={latent}x{latent} threads={torch.get_num_threads()} clock={clock}")
+
+    # --- encode: MSID + mapping for one aligned face --------------------------------------------------------
+    face = torch.rand(1, 3, 112, 112, device=device, dtype=dtype) * 2 - 1
+
+    def encode() -> torch.Tensor:
+        return mapping(msid(face))[0]
+
+    for _ in range(3):
+        encode()
+    enc = [_timed(encode, device) for _ in range(20)]
+    encode_ms = statistics.median(enc) * 1000
+    print(f"encode (MSID + mapping, 1 face): median {encode_ms:.2f} ms, min {min(enc) * 1000:.2f} ms")
+
+    # --- sampling: F2D-conditioned vs text-conditioned, same loop -----------------------------------------
+    ids, empty = _pad(PROMPT).to(device), _pad(EMPTY).to(device)
+    vectors = encode()
+
+    def conditioning(f2d: bool) -> torch.Tensor:
+        uncond = text(input_ids=empty)[0]
+        if f2d:
+            cond = encode_with_identities(text, ids, [IdentityTokens(F_ID, vectors)])[0]
+        else:
+            cond = text(input_ids=ids)[0]
+        return torch.cat([uncond, cond])
+
+    def sample(f2d: bool) -> torch.Tensor:
+        ctx = conditioning(f2d)
+        sched.set_timesteps(steps, device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(1, 4, latent, latent, generator=g, device=device, dtype=dtype) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([x, x]), t)
+            eps_u, eps_c = unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
+            x = sched.step(eps_u + 7.0 * (eps_c - eps_u), t, x, generator=g).prev_sample
+        return x
+
+    sample(True)  # warm-up both paths
+    sample(False)
+    t_f2d, t_text = [], []
+    for _ in range(args.repeats):
+        t_f2d.append(_timed(lambda: sample(True), device))
+        t_text.append(_timed(lambda: sample(False), device))
+    # The fastest run of each is the least disturbed (cache, frequency, other load), so the ratio uses minima.
+    b_f2d, b_text = min(t_f2d), min(t_text)
+    print(f"sampling with F2D conditioning: min {b_f2d * 1000:.1f} ms, median {statistics.median(t_f2d) * 1000:.1f} ms")
+    print(f"sampling with text conditioning: min {b_text * 1000:.1f} ms, median {statistics.median(t_text) * 1000:.1f} ms")
+    if device.type != "cuda":
+        print("note: absolute times count only on a GPU; on CPU only the ratio counts")
+    print(f"RESULT f2d_encode_ms {encode_ms:.2f} target <= 10")
+    print(f"RESULT f2d_sampling_over_text {b_f2d / b_text:.3f} target <= 1.02")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
