@@ -145,7 +145,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batches = StepBatches(len(data), args.batch_size, args.seed, flip=not args.no_flip,
                           rank=accelerator.process_index, world=accelerator.num_processes)
     max_steps = args.max_steps or args.epochs * batches.per_epoch
-    params = list(model.parameters()) + list(heads.parameters())
+    # The final `norm` (and any block after the last feature block) is not on the feature path: freeze it, so it
+    # stays as loaded and DDP sees no parameters without gradients.
+    last = max(cfg.feature_blocks)
+    for name, p in model.named_parameters():
+        if name.startswith("norm.") or (name.startswith("blocks.") and int(name.split(".")[1]) > last):
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     step = 0

@@ -17,14 +17,11 @@ Two entry points:
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
-
-log = logging.getLogger("FaceBooth")
 
 DEFAULT_PLACEHOLDER = "f"  # official: the prompt contains "f l"; "f" marks the slot of S1*, "l" is overwritten by S2*
 TOKENS_PER_IDENTITY = 2

@@ -129,6 +129,8 @@ def load_msid(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
     sd, meta = _read(path, COMPONENT_MSID)
     _check_component(sd, meta, COMPONENT_MSID, path)
     model = msid_from_state_dict(sd, meta, Path(path).name)
+    log.info("Face2Diffusion MSID encoder %s: %d-d identity from blocks %s (%s).", Path(path).name, model.feature_dim,
+             list(model.config.feature_blocks), "FaceBooth file" if meta else "official file")
     return model.to(device=device, dtype=dtype)
 
 
@@ -137,6 +139,8 @@ def load_mapping(path: str | os.PathLike, device: torch.device | str = "cpu", dt
     sd, meta = _read(path, COMPONENT_MAPPING)
     _check_component(sd, meta, COMPONENT_MAPPING, path)
     model = mapping_from_state_dict(sd, meta, Path(path).name)
+    log.info("Face2Diffusion mapping %s: %d -> 2 x %d (%s).", Path(path).name, model.config.id_dim, model.config.out_dim,
+             "FaceBooth file" if meta else "official file")
     return model.to(device=device, dtype=dtype)
 
 
