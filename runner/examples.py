@@ -37,6 +37,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -283,14 +285,17 @@ def _demo_models(seed: int) -> list[DemoModel]:
     models = []
     try:
         from ..devmodels import face_models
+        from ..pipelines.face import arcface, mtcnn
     except ImportError as exc:
         log.info("Random ArcFace/MTCNN models unavailable (%s); face workflows need real ones.", exc)
     else:
         name = "arcface_random_r18.safetensors"
         models.append(DemoModel(f"facebooth/face/{name}", "ARCFACE", name,
-                                lambda p: face_models.write_random_arcface(p, seed=seed), (face_models.__file__,)))
+                                lambda p: face_models.write_random_arcface(p, seed=seed),
+                                (face_models.__file__, arcface.__file__)))
         models.append(DemoModel("facebooth/face/mtcnn", None, None,
-                                lambda p: face_models.copy_or_write_mtcnn(p, seed=seed), (face_models.__file__,)))
+                                lambda p: face_models.copy_or_write_mtcnn(p, seed=seed),
+                                (face_models.__file__, mtcnn.__file__)))
     try:
         from ..devmodels import insightface_packs
         import onnx  # noqa: F401  (the writer needs it)
@@ -301,6 +306,11 @@ def _demo_models(seed: int) -> list[DemoModel]:
                                 lambda p: insightface_packs.write_pack_files(p, "antelopev2", seed=seed),
                                 (insightface_packs.__file__,)))
     return models
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _source_key(files: Iterable[str], seed: int) -> str:
@@ -320,11 +330,20 @@ def cached_demo_models(cache_dir: str | os.PathLike | None = None, seed: int = 0
         marker = folder / (model.relpath.replace("/", "__") + ".complete")
         if not marker.is_file():
             log.info("Writing random %s", model.relpath)
+            # Write into a private staging folder, then rename: a parallel session or an interrupted
+            # run never sees (or leaves) a half-written model under the final name.
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=_mkdir(folder)))
             try:
-                model.write(target)
+                model.write(staging / model.relpath)
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                _mkdir(target.parent)
+                os.replace(staging / model.relpath, target)
             except Exception as exc:  # a broken writer disables one model, not the run
                 log.warning("Could not write random %s: %s: %s", model.relpath, type(exc).__name__, exc)
                 continue
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
             marker.write_text("ok\n")
         found.append((model, target))
     return found
