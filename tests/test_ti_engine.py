@@ -236,3 +236,28 @@ def test_v_prediction_backend_targets_velocity(tmp_path):
     x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
     torch.testing.assert_close(backend.target(x0, noise, t), backend.scheduler.get_velocity(x0, noise, t))
     assert make_engine(backend, steps=1).run().steps == 1
+
+
+def test_a_timestep_dependent_embedding_module_trains(backend):
+    """PersonaMagic-style: a module maps timesteps to per-sample vectors (B, K, D); only it learns."""
+    base = init_for(backend)["clip_l"]
+
+    class Mapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Linear(1, 2 * 32)
+            self.seen = []
+
+        def forward(self, timesteps):
+            self.seen.append(timesteps.clone())
+            shift = self.scale(timesteps.float().unsqueeze(-1) / 1000).view(-1, 2, 32)
+            return {"clip_l": base + shift}
+
+    mapper = Mapper()
+    before = [p.clone() for p in mapper.parameters()]
+    cfg = TIConfig(steps=2, batch_size=3, lr=0.01)
+    engine = TextualInversionEngine(backend, tiny_images(), PROMPTS, PLACEHOLDERS, mapper, cfg)
+    result = engine.run()
+    assert result.vectors == {} and engine.params == {}
+    assert [t.shape for t in mapper.seen] == [(3,), (3,)]
+    assert all(not torch.equal(a, b) for a, b in zip(before, mapper.parameters()))

@@ -26,12 +26,12 @@ two towers and add the pooled/time ids.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from ..text_encoder import CLIPTextEncoder, PromptTokenizer, batch_tokenize_with_slots
+from ..text_encoder import CLIPTextEncoder, PromptTokenizer, tokenize_with_slots
 
 FAMILY_KEYS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
 
@@ -43,6 +43,7 @@ class TextTower:
     key: str  # "clip_l" | "clip_h" | "clip_g": the key a ComfyUI embedding file uses for this tower
     encoder: CLIPTextEncoder
     tokenizer: PromptTokenizer
+    _token_cache: dict = field(default_factory=dict, repr=False)  # the same few dozen templates every step
 
     @property
     def dim(self) -> int:
@@ -51,9 +52,16 @@ class TextTower:
     def encode(
         self, prompts: Sequence[str], placeholders: Sequence[str], vectors: torch.Tensor, output_attentions: bool = False
     ):
-        """Encode prompts with ``vectors[j]`` as the token embedding of ``placeholders[j]``."""
+        """Encode prompts with ``vectors[j]`` (or ``vectors[b, j]``) as the token embedding of ``placeholders[j]``."""
         device = self.encoder.embeddings.token_embedding.weight.device
-        ids, slots = batch_tokenize_with_slots(self.tokenizer, prompts, placeholders, device=device)
+        pairs = []
+        for prompt in prompts:
+            key = (prompt, tuple(placeholders))
+            if key not in self._token_cache:
+                self._token_cache[key] = tokenize_with_slots(self.tokenizer, prompt, placeholders)
+            pairs.append(self._token_cache[key])
+        ids = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=device)
+        slots = torch.tensor([b for _, b in pairs], dtype=torch.long, device=device)
         return self.encoder(ids, slot_ids=slots, slot_vectors=vectors, output_attentions=output_attentions)
 
 

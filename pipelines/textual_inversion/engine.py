@@ -29,6 +29,23 @@ log = logging.getLogger(__name__)
 Regularizer = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
+class StaticTokenEmbeddings(torch.nn.Module):
+    """The learnable thing of plain textual inversion: one (K, D) matrix per text tower, timestep-free.
+
+    The engine accepts any module with this interface: ``forward(timesteps) -> {tower key: (K, D) or (B, K, D)}``
+    (PersonaMagic's timestep mapper returns per-sample vectors).
+    """
+
+    def __init__(self, init: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.vectors = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(v.detach().float().clone()) for k, v in init.items()}
+        )
+
+    def forward(self, timesteps: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        return dict(self.vectors.items())
+
+
 class NonFiniteLossError(RuntimeError):
     """The optimisation diverged (NaN/inf loss or embedding)."""
 
@@ -76,7 +93,7 @@ class TextualInversionEngine:
         images: torch.Tensor,
         prompts: Sequence[str],
         placeholders: Sequence[str],
-        init_vectors: Mapping[str, torch.Tensor],
+        init_vectors: "Mapping[str, torch.Tensor] | torch.nn.Module",
         config: TIConfig,
         regularizer: Optional[Regularizer] = None,
         hooks: RunHooks = NO_HOOKS,
@@ -87,11 +104,15 @@ class TextualInversionEngine:
         if not torch.isfinite(images).all():
             raise ValueError("the reference images contain NaN or infinite pixels; load them again")
         dims = backend.embedding_dims
-        if set(init_vectors) != set(dims):
-            raise ValueError(f"init vectors are for {sorted(init_vectors)} but the model's text towers are {sorted(dims)}")
-        for key, vec in init_vectors.items():
-            if tuple(vec.shape) != (len(placeholders), dims[key]):
-                raise ValueError(f"{key}: init vectors {tuple(vec.shape)} != ({len(placeholders)}, {dims[key]})")
+        if not isinstance(init_vectors, torch.nn.Module):
+            if set(init_vectors) != set(dims):
+                raise ValueError(
+                    f"init vectors are for {sorted(init_vectors)} but the model's text towers are {sorted(dims)}"
+                )
+            for key, vec in init_vectors.items():
+                if tuple(vec.shape) != (len(placeholders), dims[key]):
+                    raise ValueError(f"{key}: init vectors {tuple(vec.shape)} != ({len(placeholders)}, {dims[key]})")
+            init_vectors = StaticTokenEmbeddings(init_vectors)
         missing = [p for p in prompts if any(ph not in p for ph in placeholders)]
         if not prompts or missing:
             raise ValueError(f"every prompt must contain all placeholders {list(placeholders)}; bad: {missing[:2]}")
@@ -105,12 +126,10 @@ class TextualInversionEngine:
         self.device = torch.device(backend.device)
         self._images = images
         self._latents: Optional[EncodedImages] = None
-        self.params = {
-            k: torch.nn.Parameter(v.detach().to(self.device, torch.float32).clone()) for k, v in init_vectors.items()
-        }
+        self.embeddings = init_vectors.to(self.device).train()
         self.optimizer = torch.optim.AdamW(
-            list(self.params.values()), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
-            eps=config.adam_eps,
+            [p for p in self.embeddings.parameters() if p.requires_grad],
+            lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.adam_eps,
         )
         self._rng = random.Random(config.seed)
         self._gen = torch.Generator().manual_seed(config.seed)
@@ -118,6 +137,13 @@ class TextualInversionEngine:
         self._amp_dtype = self._autocast_dtype()
         self._scaler = torch.amp.GradScaler("cuda") if self._amp_dtype == torch.float16 else None
         self.result = TIResult(vectors={})
+        self._last: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        """The learnable (K, D) matrices of a static embedding (empty for other embedding modules)."""
+        vectors = getattr(self.embeddings, "vectors", None)
+        return dict(vectors.items()) if isinstance(vectors, torch.nn.ParameterDict) else {}
 
     # ------------------------------------------------------------------ setup
     def _autocast_dtype(self) -> Optional[torch.dtype]:
@@ -174,11 +200,12 @@ class TextualInversionEngine:
         target = backend.target(latents, noise, timesteps)
 
         amp = torch.autocast("cuda", dtype=self._amp_dtype) if self._amp_dtype is not None else nullcontext()
+        vectors = self.embeddings(timesteps)
         with amp:
-            cond = backend.encode_prompts(prompts, self.placeholders, self.params)
+            cond = backend.encode_prompts(prompts, self.placeholders, vectors)
             pred = backend.predict(noisy, timesteps, cond)
         diffusion = F.mse_loss(pred.float(), target.float(), reduction="mean")
-        reg = self.regularizer(self.params) if self.regularizer is not None else diffusion.new_zeros(())
+        reg = self.regularizer(vectors) if self.regularizer is not None else diffusion.new_zeros(())
         loss = diffusion + reg
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -194,7 +221,7 @@ class TextualInversionEngine:
         else:
             loss.backward()
             self.optimizer.step()
-        if not all(torch.isfinite(p).all() for p in self.params.values()):
+        if not all(torch.isfinite(p).all() for p in self.embeddings.parameters()):
             raise NonFiniteLossError(
                 f"The embedding became NaN/inf at step {len(self.result.loss_history) + 1}: lower the learning rate."
             )
@@ -205,6 +232,8 @@ class TextualInversionEngine:
         return value
 
     def _preview(self) -> Optional[torch.Tensor]:
+        if self._last is None:
+            return None
         noisy, t, pred = self._last
         try:
             x0 = self.backend.predicted_x0(noisy[:1], t[:1], pred[:1].float())
@@ -227,4 +256,5 @@ class TextualInversionEngine:
         return self.result
 
     def vectors(self) -> dict[str, torch.Tensor]:
+        """The learned static vectors, (K, D) float32 on the CPU (empty for timestep-dependent modules)."""
         return {k: p.detach().float().cpu().clone() for k, p in self.params.items()}
