@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("FaceBooth.cross_init")  # under the CLI's "FaceBooth" stderr handler
 
 COMMAND = "cross-init"
 HELP = "learn a Cross Initialization face embedding (ComfyUI embedding file) from photos"
@@ -77,6 +77,7 @@ def _target(args) -> Path:
         name = sanitize_name(args.name, what="embedding name")
     except BadNameError as exc:
         raise SystemExit(f"error: {exc}") from exc
+    name = name.replace(" ", "_")  # ComfyUI splits prompts at spaces, so "embedding:my face" could not work
     target = Path(args.out) / f"{name}.safetensors"
     if target.exists() and not args.overwrite:
         raise SystemExit(f"error: {target} already exists; pass --overwrite to replace it or choose another --name")
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
             ci.convert_official(args.from_official, target)
         except (FileNotFoundError, ValueError) as exc:
             raise SystemExit(f"error: {exc}") from exc
-        log.info("wrote %s (converted from %s)", target, args.from_official)
+        log.info("converted %s", args.from_official)
+        sys.stdout.write(f"{target}\n")
         return 0
     if not args.pretrained or not args.image:
         raise SystemExit("error: --pretrained DIFFUSERS_DIR and --image PHOTO... are required to train")
@@ -125,13 +127,14 @@ def run(args: argparse.Namespace) -> int:
              settings.steps, settings.batch_size, settings.lr, backend.device, backend.family)
     result = job.run()
     ci.save_embedding(target, result.embedding, result.metadata)
-    log.info("wrote %s  (use embedding:%s in a prompt)", target, target.stem)
+    log.info("use embedding:%s in a prompt (file in ComfyUI's models/embeddings)", target.stem)
+    sys.stdout.write(f"{target}\n")  # the result on stdout, logs on stderr
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Standalone entry: ``python -m facebooth.cli.cross_init ...``."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """Standalone entry: ``python -m facebooth.cli.cross_init ...`` (``python -m facebooth cross-init`` is the usual one)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     parser = argparse.ArgumentParser(prog="facebooth")
     add_parser(parser.add_subparsers(dest="command", required=True))
     argv = list(argv) if argv is not None else sys.argv[1:]

@@ -296,7 +296,7 @@ def test_cli_end_to_end(sd_folder, tmp_path):
     common = ["--pretrained", str(sd_folder), "--image", str(photo), str(photo), "--preset", "fast",
               "--steps", "2", "--batch-size", "2", "--resolution", "16", "--out", str(out), "--device", "cpu"]
     assert _cli(*common, "--name", "Anna Smith!") == 0
-    written = out / "Anna Smith_.safetensors"
+    written = out / "Anna_Smith_.safetensors"  # sanitised, and no space: ComfyUI splits prompts at spaces
     tensors = load_file(written)
     assert list(tensors) == ["clip_l"] and tensors["clip_l"].shape == (2, 32) and torch.isfinite(tensors["clip_l"]).all()
     with safe_open(str(written), framework="pt") as f:
@@ -309,7 +309,7 @@ def test_cli_end_to_end(sd_folder, tmp_path):
     assert written.read_bytes() == before
     assert _cli(*common, "--name", "Anna Smith!", "--overwrite", "--seed", "1") == 0
     assert written.read_bytes() != before
-    assert sorted(p.name for p in out.iterdir()) == ["Anna Smith_.safetensors"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["Anna_Smith_.safetensors"]  # no temp files left
 
 
 def test_cli_refuses_bad_names_and_inputs(sd_folder, tmp_path):
@@ -334,3 +334,21 @@ def test_cli_converts_an_official_file(tmp_path):
     torch.save({"28017_v0": torch.randn(1024), "28017_v1": torch.randn(1024)}, src)
     assert _cli("--from-official", str(src), "--name", "28017", "--out", str(tmp_path)) == 0
     assert load_file(tmp_path / "28017.safetensors")["clip_h"].shape == (2, 1024)
+
+
+@pytest.mark.slow
+def test_python_m_facebooth_cross_init(sd_folder, tmp_path):
+    """The real entry point: the command is registered and prints the written file on stdout."""
+    import subprocess
+    import sys
+
+    photo = _photo(tmp_path / "me.png")
+    run = subprocess.run(
+        [sys.executable, "-m", "facebooth", "cross-init", "--pretrained", str(sd_folder), "--image", str(photo),
+         "--name", "anna", "--preset", "fast", "--steps", "1", "--batch-size", "1", "--resolution", "16",
+         "--out", str(tmp_path / "emb"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str(tmp_path / "emb" / "anna.safetensors")
+    assert list(load_file(tmp_path / "emb" / "anna.safetensors")) == ["clip_l"]
