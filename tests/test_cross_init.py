@@ -352,3 +352,32 @@ def test_python_m_facebooth_cross_init(sd_folder, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == str(tmp_path / "emb" / "anna.safetensors")
     assert list(load_file(tmp_path / "emb" / "anna.safetensors")) == ["clip_l"]
+
+
+@pytest.mark.slow
+def test_comfyui_loads_our_embedding_file(tmp_path):
+    """ComfyUI's own embedding loader reads both vectors of our file for SD1 (clip_l) and SD2 (clip_h)."""
+    import os
+    import subprocess
+    import sys
+
+    comfy = Path(os.environ.get("COMFYUI_DIR") or Path.home() / "ComfyUI")
+    if not (comfy / "comfy" / "sd1_clip.py").is_file():
+        pytest.skip("no ComfyUI tree (set COMFYUI_DIR)")
+    sd1 = {"clip_l": torch.randn(2, 768)}
+    sd2 = {"clip_h": torch.randn(2, 1024)}
+    ci.save_embedding(tmp_path / "a.safetensors", sd1, ci.embedding_metadata("sd1", sd1))
+    ci.save_embedding(tmp_path / "b.safetensors", sd2, ci.embedding_metadata("sd2", sd2))
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import comfy.cli_args; comfy.cli_args.args.cpu = True\n"
+        "from comfy.sd1_clip import load_embed\n"
+        "from safetensors.torch import save_file\n"
+        "a = load_embed('a', sys.argv[2], 768, 'clip_l'); b = load_embed('b', sys.argv[2], 1024, 'clip_h')\n"
+        "save_file({'a': a.contiguous(), 'b': b.contiguous()}, sys.argv[3])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(comfy), str(tmp_path), str(tmp_path / "out.safetensors")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = load_file(tmp_path / "out.safetensors")
+    torch.testing.assert_close(loaded["a"], sd1["clip_l"])
+    torch.testing.assert_close(loaded["b"], sd2["clip_h"])
