@@ -15,7 +15,13 @@ What the official code (lyuPang/CrossInitialization) does, and this module repea
 4. The two learned vectors live in the input token-embedding space, so they are a standard ComfyUI
    embedding: ``{"clip_l": (2, 768)}`` for SD1.x, ``{"clip_h": (2, 1024)}`` for SD2.x.
 
-Our names list (``data/celebrity_names.txt``) is our own: 691 unique "First Last" lines.
+Our names list (``data/celebrity_names.txt``) is our own, not the CelebBasis file: 691 unique well-known
+people, "First Last" (one "Robert De Niro"), no duplicates (the official file has 45). With the CLIP BPE
+every line has at least two tokens (the official list has 11 single-token lines) and 624 first names are
+a single token (official: 613), so both columns of the mean are populated as in the official recipe.
+
+Deviation from the official data path: images are centre-cropped to a square by default before the bicubic
+resize (``crop="none"`` stretches, as the official code does); identical for square inputs.
 """
 from __future__ import annotations
 
@@ -240,7 +246,7 @@ class CrossInitResult:
     embedding: dict[str, torch.Tensor]  # ComfyUI embedding tensors: {"clip_l": (2, 768)} / {"clip_h": (2, 1024)}
     metadata: dict[str, str]
     init: dict[str, torch.Tensor]
-    history: TIResult = field(repr=False, default=None)
+    history: Optional[TIResult] = field(repr=False, default=None)
 
 
 class CrossInitRun:
