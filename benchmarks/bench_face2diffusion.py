@@ -90,7 +90,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--size", default="small", choices=["small", "sd15"])
-    ap.add_argument("--repeats", type=int, default=5, help="alternating F2D / text runs")
+    ap.add_argument("--repeats", type=int, default=12, help="paired F2D / text runs (ABBA order)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: CPU-time measurement is exact)")
     args = ap.parse_args()
@@ -143,18 +143,31 @@ def main() -> int:
 
     sample(True)  # warm-up both paths
     sample(False)
-    t_f2d, t_text = [], []
-    for _ in range(args.repeats):
-        t_f2d.append(_timed(lambda: sample(True), device))
-        t_text.append(_timed(lambda: sample(False), device))
-    # The fastest run of each is the least disturbed (cache, frequency, other load), so the ratio uses minima.
-    b_f2d, b_text = min(t_f2d), min(t_text)
-    print(f"sampling with F2D conditioning: min {b_f2d * 1000:.1f} ms, median {statistics.median(t_f2d) * 1000:.1f} ms")
-    print(f"sampling with text conditioning: min {b_text * 1000:.1f} ms, median {statistics.median(t_text) * 1000:.1f} ms")
+    # Paired runs in ABBA order: each pair sees nearly the same machine state, so the median of the per-pair
+    # ratios is robust to load drift that would swamp a difference of a few percent.
+    t_f2d, t_text, ratios = [], [], []
+    for r in range(args.repeats):
+        order = (True, False) if r % 2 == 0 else (False, True)
+        pair = {f2d: _timed(lambda f2d=f2d: sample(f2d), device) for f2d in order}
+        t_f2d.append(pair[True])
+        t_text.append(pair[False])
+        ratios.append(pair[True] / pair[False])
+    print(f"sampling with F2D conditioning: median {statistics.median(t_f2d) * 1000:.1f} ms, min {min(t_f2d) * 1000:.1f} ms")
+    print(f"sampling with text conditioning: median {statistics.median(t_text) * 1000:.1f} ms, min {min(t_text) * 1000:.1f} ms")
+    print(f"per-pair ratios: {', '.join(f'{x:.3f}' for x in ratios)}")
+
+    # The only code that differs is the prompt encoding; timed on its own, many times, it bounds the overhead.
+    c_f2d, c_text = [], []
+    for _ in range(args.repeats * 4):
+        c_f2d.append(_timed(lambda: conditioning(True), device))
+        c_text.append(_timed(lambda: conditioning(False), device))
+    d_cond = statistics.median(c_f2d) - statistics.median(c_text)
+    print(f"prompt encoding: F2D {statistics.median(c_f2d) * 1000:.2f} ms vs text {statistics.median(c_text) * 1000:.2f} ms "
+          f"(difference {d_cond * 1000:+.2f} ms = {d_cond / statistics.median(t_text) * 100:+.2f}% of a text-conditioned run)")
     if device.type != "cuda":
         print("note: absolute times count only on a GPU; on CPU only the ratio counts")
     print(f"RESULT f2d_encode_ms {encode_ms:.2f} target <= 10")
-    print(f"RESULT f2d_sampling_over_text {b_f2d / b_text:.3f} target <= 1.02")
+    print(f"RESULT f2d_sampling_over_text {statistics.median(ratios):.3f} target <= 1.02")
     return 0
 
 
