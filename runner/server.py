@@ -111,7 +111,6 @@ class ComfyServer:
         env: dict[str, str] | None = None,
     ) -> None:
         self.comfyui_dir = check_comfyui_dir(comfyui_dir)
-        self._own_base = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="facebooth-comfy-")).resolve()
         self.host = host
         self.port = port or find_free_port(host)

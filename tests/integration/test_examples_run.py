@@ -204,6 +204,16 @@ def test_node_failure_during_execution_is_reported(comfy_server, random_checkpoi
 
 
 @pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("api_path", ex.list_workflows(), ids=ex.workflow_name)
+def test_every_example_workflow_runs_and_saves_images(api_path, comfy_server, run_workflow):
+    images = run_workflow(comfy_server.client, api_path)
+    assert images, f"{api_path.name} ran but no output node reported an image"
+    for img in images:
+        assert img.width > 0 and img.height > 0
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("api_path", ex.list_workflows(), ids=ex.workflow_name)
 def test_ui_twin_queues_the_same_graph(api_path, comfy_server):
     twin = ex.ui_twin_path(api_path)
