@@ -14,7 +14,7 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-COMMAND_MODULES: list[str] = ["weights", "examples", "cross_init", "workflows"]
+COMMAND_MODULES: list[str] = ["weights", "examples", "cross_init"]
 
 log = logging.getLogger("FaceBooth")
 
