@@ -70,7 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="keep the temporary ComfyUI base dir (with comfyui.log) after the run")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing workflow")
     parser.add_argument("--write-ui", action="store_true",
-                        help="also regenerate each workflow's UI-format twin from the live /object_info")
+                        help="also regenerate each workflow's UI-format twin and docs/nodes.md from the live /object_info")
     parser.set_defaults(func=run)
     return parser
 
@@ -192,7 +192,10 @@ def _summary(results: list[Result], out_dir: Path, stream=None) -> None:
 
 
 def _write_ui_twins(client: ComfyClient, workflows: list[Path]) -> None:
+    from ..runner.node_docs import write_node_docs
+
     info = client.object_info()
+    log.info("Node reference written: %s", write_node_docs(info))
     for path in workflows:
         try:
             twin = ex.write_ui_twin(path, info)
