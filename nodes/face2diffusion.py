@@ -1,0 +1,529 @@
+"""Face2Diffusion nodes: load MSID + mapping, turn face crops into two word vectors, inject them into an SD1.x prompt.
+
+The math lives in ``pipelines/face2diffusion``; this module only adapts it to ComfyUI. The prompt is tokenized by
+the CLIP's own tokenizer. The two vectors go in as tensor tokens at the placeholder pair, corrected for the
+position embedding that ComfyUI adds (``plan_chunked_injection``). The CLIP's own ``encode_from_tokens_scheduled``
+then encodes the prompt. The result is an ordinary CONDITIONING, so every sampler, CLIP hook and conditioning
+node works with it.
+"""
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+from ..pipelines.face.align import crop_face
+from ..pipelines.face.analyzer import to_rgb_batch
+from ..pipelines.face.types import FaceSet
+from ..pipelines.face2diffusion import (
+    DEFAULT_PLACEHOLDER,
+    EXPRESSION_DIM,
+    F2DMapping,
+    F2DWeightsError,
+    IdentityTokens,
+    MSIDEncoder,
+    PlaceholderError,
+    encode_identity,
+    load_mapping,
+    load_msid,
+    placeholder_token_id,
+    plan_chunked_injection,
+    prepare_expression,
+)
+from ..utils.files import load_state_dict_file
+from . import model_folders
+from .common import DEVICE_CHOICES, ModelCache, pick_device
+from .types import Faces
+
+log = logging.getLogger("FaceBooth")
+
+CATEGORY = "FaceBooth/Face2Diffusion"
+FOLDER = "facebooth/face2diffusion"
+EXPRESSION_SUBFOLDER = "expressions"
+SD1_WIDTH = 768
+CROP_SIZE = 112
+_CACHE = ModelCache(max_items=2)
+
+F2DModelType = io.Custom("FACEBOOTH_F2D")  # F2DModels
+F2DIdentitiesType = io.Custom("FACEBOOTH_F2D_IDENTITIES")  # list[F2DIdentity]
+F2DExpressionType = io.Custom("FACEBOOTH_F2D_EXPRESSION")  # (64,) float tensor
+
+
+class UnsupportedBaseModelError(ValueError):
+    """The CLIP is not an SD1.x (CLIP-L) text encoder."""
+
+
+@dataclass
+class F2DModels:
+    """What the loader hands on (socket FACEBOOTH_F2D)."""
+
+    msid: MSIDEncoder
+    mapping: F2DMapping
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.msid.parameters()).device
+
+
+@dataclass
+class F2DIdentity:
+    """One person to inject (socket FACEBOOTH_F2D_IDENTITIES carries a list of these)."""
+
+    vectors: Optional[torch.Tensor]  # (2, D) S1*, S2* in float32 on the CPU; None: no face found (pass through)
+    placeholder: str
+    strength: float
+    faces: int
+    source: str  # for messages: where the faces came from
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model files
+
+
+def _model_files() -> list[str]:
+    files = [f.replace("\\", "/") for f in model_folders.list_files(FOLDER)]
+    return [f for f in files if not f.startswith(EXPRESSION_SUBFOLDER + "/")]
+
+
+def _ordered(files: list[str], hint: str) -> list[str]:
+    """Files whose name contains ``hint`` first, so the default pick is msid.pt / mapping.pt."""
+    return sorted(files, key=lambda f: (hint not in os.path.basename(f).lower(), f))
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+def load_f2d_models(msid_path: str, mapping_path: str, device: torch.device) -> F2DModels:
+    msid = load_msid(msid_path, device=device)
+    mapping = load_mapping(mapping_path, device=device)
+    if mapping.config.id_dim != msid.feature_dim:
+        raise F2DWeightsError(
+            f"{os.path.basename(mapping_path)} takes {mapping.config.id_dim}-d identity vectors, but "
+            f"{os.path.basename(msid_path)} makes {msid.feature_dim}-d ones: the two files do not belong together. "
+            "Use the msid and mapping files of one release (official: msid.pt + mapping.pt) or of one training run."
+        )
+    return F2DModels(msid=msid, mapping=mapping, name=f"{os.path.basename(msid_path)} + {os.path.basename(mapping_path)}")
+
+
+def _expression_roots() -> list[str]:
+    return [os.path.join(root, EXPRESSION_SUBFOLDER) for root in model_folders.folder_paths_for(FOLDER)]
+
+
+def _expression_files() -> list[str]:
+    names: set[str] = set()
+    for root in _expression_roots():
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            for f in files:
+                if f.lower().endswith((".npy", ".safetensors")):
+                    names.add(os.path.relpath(os.path.join(dirpath, f), root).replace("\\", "/"))
+    return sorted(names)
+
+
+def _resolve_expression(name: str) -> str:
+    for root in _expression_roots():
+        path = os.path.abspath(os.path.join(root, name))
+        if os.path.commonpath([os.path.abspath(root), path]) == os.path.abspath(root) and os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"FaceBooth: expression file '{name}' not found in: {', '.join(_expression_roots())}. "
+        "Put a .npy (64 coefficients) or .safetensors file there and refresh the page."
+    )
+
+
+def load_expression(path: str) -> torch.Tensor:
+    """64 expression coefficients from a .npy (as the mapping training reads) or a .safetensors file."""
+    name = os.path.basename(path)
+    if path.lower().endswith(".npy"):
+        import numpy as np
+
+        try:
+            value = torch.from_numpy(np.load(path, allow_pickle=False).astype("float32"))
+        except ValueError as exc:  # object arrays need pickle: refused
+            raise ValueError(f"{name} is not a plain numeric .npy file ({exc}).") from exc
+    else:
+        sd, _meta = load_state_dict_file(path)
+        if "expression" in sd:
+            value = sd["expression"]
+        elif len(sd) == 1:
+            value = next(iter(sd.values()))
+        else:
+            raise ValueError(f"{name} holds {len(sd)} tensors; name the 64 coefficients 'expression'.")
+    value = value.float().reshape(-1)
+    if value.numel() != EXPRESSION_DIM:
+        raise ValueError(
+            f"{name} holds {value.numel()} numbers; a Face2Diffusion expression is {EXPRESSION_DIM} 3DMM expression "
+            "coefficients (e.g. the 'exp' coefficients of Deep3DFaceRecon)."
+        )
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or inf.")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# identities
+
+
+def _crops_from_faceset(faceset: FaceSet) -> torch.Tensor:
+    crops = []
+    for f in faceset.faces:
+        crop = f.crops.get("arcface_112")
+        if crop is None:  # an analyzer asked for other crop kinds only
+            crop = crop_face(faceset.images[f.image_index], f.landmarks, "arcface_112")
+        crops.append(crop)
+    return torch.stack(crops).float()
+
+
+def _crops_from_images(images: torch.Tensor) -> torch.Tensor:
+    batch = to_rgb_batch(images)
+    n, h, w, _ = batch.shape
+    if h != w:
+        raise ValueError(
+            f"face_crops must be square ArcFace-aligned face crops (e.g. 112x112); got {w}x{h}. "
+            "Use Detect Faces and connect its 'faces' output instead."
+        )
+    if h != CROP_SIZE:
+        x = F.interpolate(batch.permute(0, 3, 1, 2), size=(CROP_SIZE, CROP_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        batch = x.clamp(0, 1).permute(0, 2, 3, 1)
+    return batch.contiguous()
+
+
+@torch.no_grad()
+def identity_vectors(models: F2DModels, crops: torch.Tensor, expression: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Aligned crops (N, 112, 112, 3) of ONE person -> (2, D) word vectors S1*, S2*.
+
+    Several photos: their MSID identity vectors are averaged before the mapping networks, like the mean
+    ArcFace embedding of an Identity. One photo gives exactly the official computation.
+    """
+    v_id = encode_identity(models.msid, crops).float().mean(0, keepdim=True)
+    exp, mask = prepare_expression(None if expression is None else expression.reshape(1, -1), 1, models.mapping.config.exp_dim)
+    p = next(models.mapping.parameters())
+    out = models.mapping(v_id.to(p), None if exp is None else exp.to(p), None if mask is None else mask.to(p))
+    return out[0].float().cpu()
+
+
+def make_identity(
+    models: F2DModels,
+    faces: Optional[FaceSet],
+    face_crops: Optional[torch.Tensor],
+    expression: Optional[torch.Tensor],
+    placeholder: str,
+    strength: float,
+    who: str,
+) -> F2DIdentity:
+    if faces is not None and face_crops is not None:
+        raise ValueError(f"{who}: connect either 'faces' (from Detect Faces) or 'face_crops', not both.")
+    placeholder = (placeholder or "").strip()
+    if faces is not None:
+        if not faces.faces:
+            n = int(faces.images.shape[0])
+            if faces.no_face_policy == "pass_through":
+                log.warning("FaceBooth Face2Diffusion: %s: no face in %d image(s); the placeholder stays plain text.", who, n)
+                return F2DIdentity(None, placeholder, strength, 0, who)
+            raise ValueError(
+                f"{who}: Detect Faces found no face in the {n} image(s). Use clearer photos, or set its 'no face' option "
+                "to 'pass through' to get the plain prompt instead."
+            )
+        crops, source = _crops_from_faceset(faces), f"{len(faces.faces)} detected face(s)"
+    elif face_crops is not None:
+        crops, source = _crops_from_images(face_crops), f"{int(face_crops.shape[0])} face crop(s)"
+    else:
+        raise ValueError(f"{who}: connect 'faces' (from Detect Faces) or 'face_crops' (aligned face images).")
+    vectors = identity_vectors(models, crops, expression)
+    log.info("FaceBooth Face2Diffusion: %s from %s%s, placeholder '%s', strength %.2f", who, source,
+             " with expression" if expression is not None else "", placeholder, strength)
+    return F2DIdentity(vectors, placeholder, float(strength), int(crops.shape[0]), who)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ComfyUI's CLIP
+
+
+_FAMILIES = {
+    "SD2ClipModel": "SD2.x (OpenCLIP ViT-H text encoder)",
+    "SDXLClipModel": "SDXL (CLIP-L + OpenCLIP-G)",
+    "SDXLRefinerClipModel": "the SDXL refiner (OpenCLIP-G)",
+    "StableCascadeClipModel": "Stable Cascade",
+}
+
+
+def sd1_text_model(clip: Any) -> torch.nn.Module:
+    """The CLIP-L text transformer of an SD1.x CLIP, or an error naming what the CLIP is instead.
+
+    The check is on ComfyUI's model classes, not on widths: SDXL also holds a 768-wide CLIP-L, but its UNet
+    expects the CLIP-G half too, and F2D was trained for SD1.x alone.
+    """
+    import comfy.sd1_clip
+
+    model = getattr(clip, "cond_stage_model", None)
+    tokenizer = getattr(clip, "tokenizer", None)
+    is_sd1 = (
+        type(model) is comfy.sd1_clip.SD1ClipModel
+        and getattr(model, "clip", None) == "clip_l"
+        and isinstance(tokenizer, comfy.sd1_clip.SD1Tokenizer)
+        and getattr(tokenizer, "clip", None) == "clip_l"
+    )
+    if not is_sd1:
+        kind = type(model).__name__ if model is not None else type(clip).__name__
+        family = _FAMILIES.get(kind, f"a '{kind}' text encoder")
+        raise UnsupportedBaseModelError(
+            f"Face2Diffusion works with SD1.x checkpoints only (CLIP-L text encoder); this CLIP is {family}. "
+            "Load an SD1.x checkpoint (SD 1.4/1.5 or a fine-tune of them) and connect its CLIP."
+        )
+    text_model = model.clip_l.transformer.text_model
+    width = int(text_model.embeddings.token_embedding.weight.shape[-1])
+    if width != SD1_WIDTH:
+        raise UnsupportedBaseModelError(f"This CLIP-L text encoder is {width} wide, not {SD1_WIDTH}: it is not an SD1.x text encoder.")
+    return text_model
+
+
+def _token_id(entry: Any) -> int:
+    tok = entry[0]
+    return int(tok) if isinstance(tok, numbers.Integral) else -1  # tensors (embedding:...) never match
+
+
+def inject_identities(clip: Any, tokens: dict, identities: Sequence[F2DIdentity]) -> dict:
+    """A copy of ComfyUI's tokenizer output with every identity's vectors as tensor tokens at its placeholder pair.
+
+    Strength s blends, at the text encoder's input, between the plain-text pair (s = 0) and F2D's vectors
+    (s = 1, the official replacement): h = t + s (S* - t), with t = token + position embedding of the typed
+    words. s > 1 extrapolates. Identities without a face keep their pair as plain text, but still use it up,
+    so the others land where they belong.
+    """
+    text_model = sd1_text_model(clip)
+    clip.load_model()  # patched weights are in place once loaded
+    emb = text_model.embeddings
+    pos = emb.position_embedding.weight.detach().float().cpu()
+    tok_weight = emb.token_embedding.weight
+    hf_tokenizer = clip.tokenizer.clip_l.tokenizer
+    chunks = [list(chunk) for chunk in tokens["l"]]
+    ids = [[_token_id(e) for e in chunk] for chunk in chunks]
+    width = pos.shape[-1]
+    planned = []
+    for k, ident in enumerate(identities):
+        vectors = ident.vectors if ident.vectors is not None else torch.zeros(2, width)
+        name = f"identity {k + 1} (placeholder '{ident.placeholder}')"
+        planned.append(IdentityTokens(placeholder_token_id(hf_tokenizer, ident.placeholder), vectors, name=name))
+    plan = plan_chunked_injection(ids, planned, pos)
+    second_word = placeholder_token_id(hf_tokenizer, "l")
+    for k, (c, s, corrected) in enumerate(plan):
+        ident = identities[k // 2]
+        if ident.vectors is None:
+            continue
+        if k % 2 == 1 and ids[c][s] != second_word:
+            log.warning(
+                "FaceBooth Face2Diffusion: the token after placeholder '%s' is replaced too; the weights were trained with "
+                "the pair written '%s l'.", ident.placeholder, ident.placeholder)
+        old = chunks[c][s]
+        if ident.strength == 1.0:
+            value = corrected
+        else:
+            plain = old[0] if torch.is_tensor(old[0]) else tok_weight[int(old[0])]
+            plain = plain.detach().float().cpu().reshape(-1)
+            value = plain + ident.strength * (corrected - plain)
+        chunks[c][s] = (value, *old[1:])
+    out = dict(tokens)
+    out["l"] = chunks
+    return out
+
+
+def encode_prompt(clip: Any, text: str, identities: Sequence[F2DIdentity]) -> list:
+    """CONDITIONING for ``text`` with the identities injected (plain text when none of them has a face)."""
+    if clip is None:
+        raise RuntimeError("The CLIP input is invalid: the checkpoint loader gave no text encoder.")
+    sd1_text_model(clip)
+    tokens = clip.tokenize(text)
+    if not any(i.vectors is not None for i in identities):
+        log.warning("FaceBooth Face2Diffusion: no face in any identity; encoding the prompt as plain text.")
+        return clip.encode_from_tokens_scheduled(tokens)
+    return clip.encode_from_tokens_scheduled(inject_identities(clip, tokens, identities))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# nodes
+
+
+def _identity_inputs(strength_tip: str) -> list:
+    return [
+        io.String.Input(
+            "placeholder", default=DEFAULT_PLACEHOLDER,
+            tooltip="The word that marks this person in the prompt; write it followed by one more word, as 'f l' "
+            "(official). Both tokens are replaced by the two F2D vectors. Must be a single CLIP token.",
+        ),
+        io.Float.Input("strength", default=1.0, min=0.0, max=3.0, step=0.05, tooltip=strength_tip),
+        Faces.Input(
+            "faces", optional=True,
+            tooltip="Faces from Detect Faces (their ArcFace-aligned 112x112 crops are used). Several photos of one "
+            "person: their identity vectors are averaged. No face with 'no face: pass through': plain text.",
+        ),
+        io.Image.Input(
+            "face_crops", optional=True,
+            tooltip="Instead of 'faces': square face crops already aligned to the ArcFace template (112x112; other sizes "
+            "are resized). A batch is averaged as one person.",
+        ),
+        F2DExpressionType.Input(
+            "expression", optional=True,
+            tooltip="Optional expression reference (64 3DMM coefficients, Load Face2Diffusion Expression). Without it "
+            "the learned neutral vector is used and the prompt decides the expression, as in the official release.",
+        ),
+        F2DIdentitiesType.Input(
+            "identities", optional=True,
+            tooltip="More people from Face2Diffusion Identity nodes (chain them). Each takes the first free "
+            "occurrence of its placeholder, in order: this node's own faces first, then the chain.",
+        ),
+    ]
+
+
+_STRENGTH_TIP = (
+    "1 = the official Face2Diffusion vectors. Lower values blend the placeholder pair back toward the plain "
+    "words at the text encoder's input (0 = the prompt as plain text); above 1 extrapolates."
+)
+
+
+def _chained(identities: Optional[list]) -> list[F2DIdentity]:
+    return list(identities or [])
+
+
+class F2DLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = _model_files()
+        msid_files, mapping_files = _ordered(files, "msid"), _ordered(files, "mapping")
+        return io.Schema(
+            node_id="FaceBoothF2DLoader",
+            display_name="Load Face2Diffusion",
+            category=CATEGORY,
+            description="Loads Face2Diffusion's MSID identity encoder and mapping networks from models/facebooth/"
+            "face2diffusion: the official msid.pt + mapping.pt unchanged, or .safetensors files from FaceBooth's "
+            "training scripts. For SD1.x checkpoints. Official weights: CC BY-NC-SA 4.0 (non-commercial).",
+            inputs=[
+                io.Combo.Input("msid_file", options=msid_files, default=msid_files[0] if msid_files else None,
+                               tooltip="MSID encoder: official msid.pt, or msid.safetensors from train_f2d_msid."),
+                io.Combo.Input("mapping_file", options=mapping_files, default=mapping_files[0] if mapping_files else None,
+                               tooltip="Mapping networks: official mapping.pt, or mapping.safetensors from train_f2d_mapping."),
+                io.Combo.Input("device", options=DEVICE_CHOICES, default="auto",
+                               tooltip="Where the two small networks run. 'auto' uses ComfyUI's device."),
+            ],
+            outputs=[F2DModelType.Output(display_name="f2d", tooltip="Connect to Face2Diffusion Encode / Identity.")],
+        )
+
+    @classmethod
+    def execute(cls, msid_file: str, mapping_file: str, device: str) -> io.NodeOutput:
+        dev = pick_device(device)
+        msid_path = model_folders.resolve_file(FOLDER, msid_file)
+        mapping_path = model_folders.resolve_file(FOLDER, mapping_file)
+        key = (_file_key(msid_path), _file_key(mapping_path), str(dev))
+        return io.NodeOutput(_CACHE.get(key, lambda: load_f2d_models(msid_path, mapping_path, dev)))
+
+
+class F2DEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceBoothF2DEncode",
+            display_name="Face2Diffusion Encode",
+            category=CATEGORY,
+            description="Encodes a prompt with a person's face in it (Face2Diffusion, SD1.x only). Write the placeholder "
+            "pair where the person goes: 'a photo of f l as a chef'. Use the result as the positive conditioning of any "
+            "sampler; encode the negative prompt with a plain CLIP Text Encode (the official setting is empty).",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of an SD1.x checkpoint. SD2.x, SDXL and other families are refused."),
+                F2DModelType.Input("f2d", tooltip="From Load Face2Diffusion."),
+                io.String.Input(
+                    "text", multiline=True, dynamic_prompts=True, default="a photo of f l person",
+                    tooltip="The prompt, with the placeholder pair ('f l') once per person. Weights like (f l:1.2), "
+                    "BREAK and embedding:NAME work as in CLIP Text Encode; keep a pair inside one 75-token chunk.",
+                ),
+                *_identity_inputs(_STRENGTH_TIP),
+            ],
+            outputs=[io.Conditioning.Output(display_name="conditioning",
+                                            tooltip="Positive conditioning with the person's identity, for any sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, clip: Any, f2d: F2DModels, text: str, placeholder: str, strength: float,
+                faces: Optional[FaceSet] = None, face_crops: Optional[torch.Tensor] = None,
+                expression: Optional[torch.Tensor] = None, identities: Optional[list] = None) -> io.NodeOutput:
+        sd1_text_model(clip)  # refuse other families before any face work
+        people: list[F2DIdentity] = []
+        if faces is not None or face_crops is not None:
+            people.append(make_identity(f2d, faces, face_crops, expression, placeholder, strength, "Face2Diffusion Encode"))
+        elif expression is not None:
+            raise ValueError("Face2Diffusion Encode: 'expression' is connected but no faces: connect 'faces' or 'face_crops'.")
+        people.extend(_chained(identities))
+        if not people:
+            raise ValueError(
+                "Face2Diffusion Encode: connect 'faces' (from Detect Faces) or 'face_crops', or chain Face2Diffusion "
+                "Identity nodes into 'identities'."
+            )
+        return io.NodeOutput(encode_prompt(clip, text, people))
+
+
+class F2DIdentityNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceBoothF2DIdentity",
+            display_name="Face2Diffusion Identity",
+            category=CATEGORY,
+            description="One more person for Face2Diffusion Encode: several people in one prompt, one placeholder pair "
+            "each ('f l and v l', or 'f l and f l' filled in order). Chain these nodes, then connect the last one to "
+            "the Encode node's 'identities'.",
+            inputs=[F2DModelType.Input("f2d", tooltip="From Load Face2Diffusion."), *_identity_inputs(_STRENGTH_TIP)],
+            outputs=[F2DIdentitiesType.Output(display_name="identities",
+                                              tooltip="The chained people so far, this one last. Connect to Encode or to the next Identity node.")],
+        )
+
+    @classmethod
+    def execute(cls, f2d: F2DModels, placeholder: str, strength: float, faces: Optional[FaceSet] = None,
+                face_crops: Optional[torch.Tensor] = None, expression: Optional[torch.Tensor] = None,
+                identities: Optional[list] = None) -> io.NodeOutput:
+        earlier = _chained(identities)
+        who = f"Face2Diffusion Identity #{len(earlier) + 1} in the chain"
+        return io.NodeOutput(earlier + [make_identity(f2d, faces, face_crops, expression, placeholder, strength, who)])
+
+
+class F2DLoadExpression(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceBoothF2DLoadExpression",
+            display_name="Load Face2Diffusion Expression",
+            category=CATEGORY,
+            description="Loads 64 expression coefficients (3DMM/BFM expression basis, e.g. Deep3DFaceRecon's 'exp', the "
+            "same .npy files the mapping training reads) from models/facebooth/face2diffusion/expressions.",
+            inputs=[io.Combo.Input("expression_file", options=_expression_files(),
+                                   tooltip="A .npy with 64 numbers, or a .safetensors with a tensor named 'expression'.")],
+            outputs=[F2DExpressionType.Output(display_name="expression",
+                                              tooltip="Connect to the 'expression' input of Face2Diffusion Encode / Identity.")],
+        )
+
+    @classmethod
+    def execute(cls, expression_file: str) -> io.NodeOutput:
+        return io.NodeOutput(load_expression(_resolve_expression(expression_file)))
+
+
+NODES = [F2DLoader, F2DEncode, F2DIdentityNode, F2DLoadExpression]
+
+__all__ = [
+    "F2DIdentity",
+    "F2DModels",
+    "NODES",
+    "PlaceholderError",
+    "UnsupportedBaseModelError",
+    "encode_prompt",
+    "identity_vectors",
+    "inject_identities",
+    "load_expression",
+    "load_f2d_models",
+    "make_identity",
+    "sd1_text_model",
+]
