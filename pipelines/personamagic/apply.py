@@ -1,0 +1,158 @@
+"""From a trained mapper to what a sampler needs: timestep-ranged K contexts and the V-path patch.
+
+``build_schedule`` encodes the user's prompt once per stage / timestep bin:
+
+* stage 1 (t_high, T): the prompt with the trigger replaced by the supercategory word ("face");
+* stage 2 [t_low, t_high]: the mapper at each bin's middle timestep (``dynamic_bins``), K and V contexts;
+* stage 3 [0, t_low): the mapper frozen at t_low (the official "reuse the t = 400 embedding").
+
+Quantisation: a sampler with S steps visits only a handful of timesteps in the dynamic stage, but which
+ones is not known when the conditioning is built, so the stage is cut into ``bins`` runs of consecutive
+integer timesteps (DEFAULT_BINS = 100, i.e. 4 timesteps each for the official [400, 800]). A discrete
+SD model evaluates at an integer timestep, so a visited t gets mapper(rep(t)) with |t − rep(t)| ≤ 2;
+``quantization_error`` measures what that costs in the contexts (see ``docs`` in the tests and the
+benchmark: relative error well below 1 % for trained and freshly initialised mappers). ``bins`` equal to
+the stage width (401) makes it exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..text_encoder import CLIPTextEncoder, PromptTokenizer
+from .contexts import PromptCache, encode_kv, expand_trigger, internal_placeholders, supercategory_prompt
+from .mapper import PersonaMagicMapper
+from .stages import StagePlan, TimestepBin, dynamic_bins
+from .vpath import ValuePathPatch
+
+DEFAULT_BINS = 100
+
+
+@dataclass
+class ScheduleEntry:
+    stage: int  # 1 supercategory, 2 dynamic, 3 frozen
+    t_min: int  # integer timesteps [t_min, t_max] this entry serves
+    t_max: int
+    rep: Optional[int]  # the timestep the mapper was evaluated at (None for stage 1)
+    key: torch.Tensor  # (1, L, D) the conditioning tensor (K context)
+    value: torch.Tensor  # (1, L, D) the V context (equals key in stage 1)
+
+
+@torch.no_grad()
+def mapper_contexts(
+    encoder: CLIPTextEncoder,
+    tokenizer: PromptTokenizer,
+    mapper: PersonaMagicMapper,
+    prompt: str,
+    trigger: str,
+    timesteps: Sequence[int],
+    image_embed: Optional[torch.Tensor],
+    cache: Optional[PromptCache] = None,
+    bypass: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V contexts (len(timesteps), L, D) of ``prompt`` with the mapper's tokens at each timestep."""
+    n = mapper.config.token_num
+    text = expand_trigger(prompt, trigger, n)
+    device = encoder.embeddings.token_embedding.weight.device
+    t = torch.tensor(list(timesteps), dtype=torch.long, device=device)
+    out = mapper(t, image_embed if mapper.config.output_bypass else None)
+    ctx = encode_kv(
+        encoder, *(cache or PromptCache(tokenizer))([text] * len(t), internal_placeholders(n), device),
+        base=out.base, bypass=out.bypass if bypass else None,
+    )
+    return ctx.key, ctx.value
+
+
+@torch.no_grad()
+def build_schedule(
+    encoder: CLIPTextEncoder,
+    tokenizer: PromptTokenizer,
+    mapper: PersonaMagicMapper,
+    prompt: str,
+    trigger: str,
+    plan: StagePlan,
+    image_embed: Optional[torch.Tensor] = None,
+    bins: Union[int, Sequence[TimestepBin]] = DEFAULT_BINS,
+    supercategory: str = "face",
+    bypass: bool = True,
+    batch: int = 32,
+) -> list[ScheduleEntry]:
+    """The stage-1 entry, one entry per dynamic bin (high t first) and the stage-3 entry.
+
+    ``bins``: a count (uniform bins, ``dynamic_bins``) or explicit bins (``bins_for_visited``).
+    """
+    mapper = mapper.eval()
+    cache = PromptCache(tokenizer)
+    device = encoder.embeddings.token_embedding.weight.device
+    entries: list[ScheduleEntry] = []
+    ids, slots = cache([supercategory_prompt(prompt, trigger, supercategory)], [], device)
+    static = encoder(ids).last_hidden_state
+    entries.append(ScheduleEntry(1, plan.t_high + 1, plan.num_timesteps - 1, None, static.cpu(), static.cpu()))
+    runs = dynamic_bins(plan, bins) if isinstance(bins, int) else list(bins)
+    reps = [b.rep for b in runs] + [plan.t_low]  # the last one is the frozen stage-3 embedding
+    keys, values = [], []
+    for start in range(0, len(reps), batch):
+        k, v = mapper_contexts(encoder, tokenizer, mapper, prompt, trigger, reps[start : start + batch], image_embed, cache, bypass)
+        keys.append(k.cpu())
+        values.append(v.cpu())
+    keys_all, values_all = torch.cat(keys), torch.cat(values)
+    for i, b in enumerate(runs):
+        entries.append(ScheduleEntry(2, b.first, b.last, b.rep, keys_all[i : i + 1], values_all[i : i + 1]))
+    if plan.t_low > 0:
+        entries.append(ScheduleEntry(3, 0, plan.t_low - 1, plan.t_low, keys_all[-1:], values_all[-1:]))
+    return entries
+
+
+def value_patch_for(entries: Sequence[ScheduleEntry], name: str = "personamagic") -> ValuePathPatch:
+    return ValuePathPatch([(e.key[0], e.value[0]) for e in entries], name=name)
+
+
+@torch.no_grad()
+def quantization_error(
+    encoder: CLIPTextEncoder,
+    tokenizer: PromptTokenizer,
+    mapper: PersonaMagicMapper,
+    prompt: str,
+    trigger: str,
+    plan: StagePlan,
+    bins: Union[int, Sequence[TimestepBin]],
+    image_embed: Optional[torch.Tensor] = None,
+    stride: int = 1,
+    batch: int = 32,
+) -> dict[str, float]:
+    """How far the binned contexts are from the continuous mapper over the dynamic stage.
+
+    For every ``stride``-th integer t in [t_low, t_high]: relative L2 error ‖C(rep(t)) − C(t)‖ / ‖C(t)‖ of the
+    K and V contexts at the placeholder-affected rows (rows from the first placeholder on), and of the base
+    tokens themselves. Returns the max and mean of each.
+    """
+    runs = dynamic_bins(plan, bins) if isinstance(bins, int) else list(bins)
+    ts = list(range(plan.t_low, plan.t_high + 1, stride))
+    rep_of = {t: next(b.rep for b in runs if b.first <= t <= b.last) for t in ts}
+    cache = PromptCache(tokenizer)
+    errs: dict[str, list[float]] = {"key": [], "value": [], "tokens": []}
+    first_slot = None
+    for start in range(0, len(ts), batch):
+        chunk = ts[start : start + batch]
+        k, v = mapper_contexts(encoder, tokenizer, mapper, prompt, trigger, chunk, image_embed, cache)
+        kq, vq = mapper_contexts(encoder, tokenizer, mapper, prompt, trigger, [rep_of[t] for t in chunk], image_embed, cache)
+        if first_slot is None:
+            text = expand_trigger(prompt, trigger, mapper.config.token_num)
+            _, slots = cache([text], internal_placeholders(mapper.config.token_num), "cpu")
+            first_slot = int((slots[0] >= 0).nonzero()[0])
+        for name, a, b in (("key", k, kq), ("value", v, vq)):
+            a, b = a[:, first_slot:], b[:, first_slot:]
+            errs[name] += ((b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)).tolist()
+        dev = next(mapper.parameters()).device
+        t_true = torch.tensor(chunk, device=dev)
+        t_rep = torch.tensor([rep_of[t] for t in chunk], device=dev)
+        img = image_embed if mapper.config.output_bypass else None
+        tok, tokq = mapper(t_true, img).base, mapper(t_rep, img).base
+        errs["tokens"] += ((tokq - tok).flatten(1).norm(dim=1) / tok.flatten(1).norm(dim=1)).tolist()
+    out = {}
+    for name, vals in errs.items():
+        out[f"{name}_max"] = max(vals)
+        out[f"{name}_mean"] = sum(vals) / len(vals)
+    return out
