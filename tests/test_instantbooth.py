@@ -213,7 +213,7 @@ def _meta_unet(**kwargs):
 def test_layout_matches_diffusers_module_names_for_sd15_and_the_test_checkpoint():
     from facebooth.devmodels.sd15_checkpoint import TinySD15Config, unet_diffusers_config
 
-    assert diffusers_layout(_meta_unet(cross_attention_dim=768)) == SD15_LAYOUT  # diffusers' defaults are SD1.x
+    # SD1.5 itself is checked against ComfyUI's own diffusers<->LDM key map in test_instantbooth_comfy.py
     assert len(SD15_LAYOUT) == 16 and sorted(set(SD15_LAYOUT.values())) == [320, 640, 1280]
     assert diffusers_layout(_meta_unet(**unet_diffusers_config(TinySD15Config()))) == tiny_checkpoint_layout()
     assert sorted(set(tiny_checkpoint_layout().values())) == [320, 640]
@@ -424,7 +424,8 @@ def test_augmentation_is_heavy_seeded_and_keeps_the_background_black():
 
 
 def test_file_round_trip_metadata_and_errors(tmp_path):
-    model = random_instantbooth_model(clip_config=TINY_CLIP_VISION, seed=2)
+    layout = {"input_blocks.1.1.transformer_blocks.0": 64, "middle_block.1.transformer_blocks.0": 128}
+    model = random_instantbooth_model(layout, clip_config=TINY_CLIP_VISION, seed=2, patch_dim=32)
     path = tmp_path / "ib.safetensors"
     save_instantbooth(model, path, {"trained_steps": 12})
     loaded = load_instantbooth(path)
@@ -437,7 +438,7 @@ def test_file_round_trip_metadata_and_errors(tmp_path):
         meta = f.metadata()
         keys = set(f.keys())
     assert meta["method"] == "instantbooth" and meta["format_version"] == "1" and meta["trained_steps"] == "12"
-    assert json.loads(meta["config"])["adapters"] == tiny_checkpoint_layout()
+    assert json.loads(meta["config"])["adapters"] == layout
     assert "adapters.middle_block.1.transformer_blocks.0.attn.to_out.0.bias" in keys
     assert "adapters.input_blocks.1.1.transformer_blocks.0.gamma" in keys
     # fp16 files load into fp32 models; a file without metadata is read from its shapes
@@ -456,12 +457,13 @@ def test_file_round_trip_metadata_and_errors(tmp_path):
 
 
 def test_random_instantbooth_file_is_cached_by_fingerprint(tmp_path):
-    path = write_random_instantbooth(tmp_path / "r.safetensors", clip_config=TINY_CLIP_VISION)
+    layout = {"input_blocks.1.1.transformer_blocks.0": 64}
+    path = write_random_instantbooth(tmp_path / "r.safetensors", layout=layout, clip_config=TINY_CLIP_VISION)
     mtime = path.stat().st_mtime_ns
-    assert write_random_instantbooth(path, clip_config=TINY_CLIP_VISION).stat().st_mtime_ns == mtime
+    assert write_random_instantbooth(path, layout=layout, clip_config=TINY_CLIP_VISION).stat().st_mtime_ns == mtime
     model = load_instantbooth(path)
     assert all(abs(g - 0.5) < 1e-3 for g in model.gates().values())  # gates open: a demo run exercises them
-    write_random_instantbooth(path, seed=1, clip_config=TINY_CLIP_VISION)
+    write_random_instantbooth(path, seed=1, layout=layout, clip_config=TINY_CLIP_VISION)
     assert not torch.equal(load_instantbooth(path).patch_encoder.fc.weight, model.patch_encoder.fc.weight)
 
 
