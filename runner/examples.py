@@ -62,6 +62,8 @@ EDITOR_DEFAULTS: dict[str, Any] = {
     "SEED": 0,
     "ARCFACE": "arcface_r100.pth",
     "INSIGHTFACE_PACK": "antelopev2",
+    "F2D_MSID": "msid.pt",
+    "F2D_MAPPING": "mapping.pt",
 }
 
 
@@ -305,6 +307,18 @@ def _demo_models(seed: int) -> list[DemoModel]:
         models.append(DemoModel("insightface/models/antelopev2", "INSIGHTFACE_PACK", "antelopev2",
                                 lambda p: insightface_packs.write_pack_files(p, "antelopev2", seed=seed),
                                 (insightface_packs.__file__,)))
+    try:
+        from ..devmodels import face2diffusion_models as f2d_models
+        from ..pipelines.face2diffusion import mapping as f2d_mapping, msid as f2d_msid
+    except ImportError as exc:
+        log.info("Random Face2Diffusion models unavailable (%s).", exc)
+    else:
+        models.append(DemoModel("facebooth/face2diffusion/msid.pt", "F2D_MSID", "msid.pt",
+                                lambda p: f2d_models.write_random_msid(p, seed=seed),
+                                (f2d_models.__file__, f2d_msid.__file__)))
+        models.append(DemoModel("facebooth/face2diffusion/mapping.pt", "F2D_MAPPING", "mapping.pt",
+                                lambda p: f2d_models.write_random_mapping(p, seed=seed),
+                                (f2d_models.__file__, f2d_mapping.__file__)))
     return models
 
 
