@@ -19,6 +19,8 @@ author's machine. Instead, an input value may be a placeholder that the runner f
 ``WORKFLOW``        the workflow's name (file stem without ``_api``), handy in ``filename_prefix``
 ``ARCFACE``         ArcFace backbone in ``models/facebooth/face`` (the random r18 written for the run)
 ``INSIGHTFACE_PACK`` insightface pack name (``antelopev2``, random weights written for the run)
+``F2D_MSID``        Face2Diffusion MSID file in ``models/facebooth/face2diffusion`` (random, official layout)
+``F2D_MAPPING``     Face2Diffusion mapping file (random, official layout)
 ==================  =====================================================================================
 
 ``--set NAME=VALUE`` adds or overrides any of them (VALUE parsed as JSON when it parses, else a string).
