@@ -1,0 +1,437 @@
+"""Train InstantBooth's FC heads and adapters (paper Sec. 3.3) on text-image pairs with object masks.
+
+    accelerate launch -m facebooth.training.train_instantbooth --pretrained-model sd-v1-5-diffusers/ \
+        --clip-vision clip-vit-large-patch14/ --data-dir people/ --mask-dir people_masks/ \
+        --output-dir runs/instantbooth --batch-size 16 --max-steps 320000
+
+Data: ``--data-dir`` holds the images; per file stem an optional caption ``<stem>.txt`` (default "a photo of a
+person") and a mask ``<stem>.png`` in ``--mask-dir`` (white = the subject; whole image when absent, which the
+paper advises against). One image per concept (N = 1), as in the paper.
+
+Per step: the image (resized/cropped to ``--resolution``) is the ground truth x_t. Its subject is cropped to a
+square, its background blacked out, and the crop heavily augmented (flip, rotation, scale, shift, colour,
+greyscale, blur); the frozen CLIP vision tower gives the global feature and the 257 tokens. The caption gets the
+identifier before its class noun ("a photo of a sks woman ..."); the frozen text encoder encodes it and its
+output at the identifier is replaced by E_c's FC of the global feature (alpha = 1 in training). E_p's FC of the
+tokens feeds every adapter (beta = 1). Loss: || eps - eps_theta(z_t, t, c, X_s) ||^2 (eq. 5). Only the two FC
+heads (lr 1e-4) and the adapters (lr 1e-6) train; SD and CLIP stay frozen.
+
+The CLIP vision tower must be the one used at inference (ComfyUI's CLIP_VISION): a transformers folder, or a
+ComfyUI ``clip_vision`` .safetensors file (architecture inferred from its shapes, or ``--clip-vision-config``).
+
+Output: ``<output-dir>/<output-name>.safetensors`` (layout in ``pipelines/instantbooth/files.py``); copy it into
+``models/facebooth/instantbooth`` for the Load InstantBooth node. Run state for ``--resume`` under
+``<output-dir>/checkpoints`` (safetensors only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..pipelines.instantbooth import (
+    AugmentConfig,
+    DiffusersAdapterHooks,
+    IdentifierError,
+    InstantBoothConfig,
+    InstantBoothModel,
+    augment_reference,
+    clip_preprocess,
+    diffusers_layout,
+    identifier_rows,
+    inject_concept,
+    insert_identifier,
+    load_instantbooth,
+    masked_object_crop,
+    save_instantbooth,
+)
+from ..pipelines.instantbooth.prompt import DEFAULT_IDENTIFIER, PERSON_NOUNS
+from ..utils.files import sanitize_name
+from .f2d_data import (
+    StepBatches,
+    append_log,
+    checkpoint_dir,
+    load_run_state,
+    lr_at,
+    resolve_resume,
+    save_run_state,
+    truncate_log,
+)
+
+log = logging.getLogger("FaceBooth")
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# ComfyUI's full-size CLIP vision towers, by width: (heads, activation)
+_KNOWN_TOWERS = {1024: (16, "quick_gelu"), 1280: (16, "gelu"), 1664: (16, "gelu")}
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def _centre_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(H, W, 3) in [0, 1] -> (3, size, size): the centred square, resized (bicubic, antialiased)."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    x = image[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s].permute(2, 0, 1)[None]
+    if s != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x[0].clamp(0, 1)
+
+
+class InstantBoothDataset:
+    """Images + optional masks + optional captions, per file stem. Items are (target, reference crop, mask, prompt)."""
+
+    def __init__(self, data_dir: str | Path, mask_dir: Optional[str | Path] = None, resolution: int = 512,
+                 reference_size: int = 224, identifier: str = DEFAULT_IDENTIFIER, class_nouns: Sequence[str] = PERSON_NOUNS,
+                 default_caption: str = "a photo of a person", augment: AugmentConfig = AugmentConfig()) -> None:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data-dir {root} is not a folder.")
+        self.paths = sorted(p for p in root.iterdir() if p.suffix.lower() in _IMAGE_EXTS)
+        if not self.paths:
+            raise ValueError(f"No images ({', '.join(_IMAGE_EXTS)}) in {root}.")
+        self.mask_dir = Path(mask_dir) if mask_dir else None
+        self.resolution, self.reference_size, self.augment = resolution, reference_size, augment
+        fallback = insert_identifier(default_caption, identifier, class_nouns)
+        self.prompts = []
+        without_noun = 0
+        for p in self.paths:
+            cap = p.with_suffix(".txt")
+            text = cap.read_text(encoding="utf-8").strip() if cap.is_file() else default_caption
+            try:
+                self.prompts.append(insert_identifier(text or default_caption, identifier, class_nouns))
+            except IdentifierError:
+                without_noun += 1
+                self.prompts.append(f"{text}, {fallback}")
+        if without_noun:
+            log.warning("%d caption(s) have no class noun; '%s' was appended to them.", without_noun, fallback)
+        missing = [p.name for p in self.paths if self._mask_path(p) is None]
+        if missing:
+            log.warning("%d image(s) have no mask (e.g. %s): their whole image is the reference.", len(missing), missing[0])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _mask_path(self, p: Path) -> Optional[Path]:
+        if self.mask_dir is None:
+            return None
+        return next((q for q in (self.mask_dir / (p.stem + e) for e in _IMAGE_EXTS) if q.is_file()), None)
+
+    def get(self, index: int, flip: bool, generator: Optional[torch.Generator]) -> dict:
+        from PIL import Image
+
+        p = self.paths[index]
+        with Image.open(p) as im:
+            image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+        mp = self._mask_path(p)
+        mask = None
+        if mp is not None:
+            with Image.open(mp) as im:
+                mask = torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
+        target = _centre_square(image, self.resolution) * 2 - 1  # (3, R, R) in [-1, 1]
+        if flip:
+            target = target.flip(-1)
+        crop, cmask = masked_object_crop(image, mask, self.reference_size)
+        if generator is not None:
+            crop = augment_reference(crop, cmask, generator, self.augment)
+        return {"pixel_values": target, "reference": crop, "prompt": self.prompts[index]}
+
+    def batch(self, indices: Iterable[int], flips: Iterable[bool], generator: Optional[torch.Generator]) -> dict:
+        items = [self.get(i, f, generator) for i, f in zip(indices, flips)]
+        return {
+            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            "reference": torch.stack([it["reference"] for it in items]),
+            "prompts": [it["prompt"] for it in items],
+        }
+
+
+# --- models -------------------------------------------------------------------------------------------------
+
+
+def clip_vision_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
+    """transformers CLIPVisionConfig kwargs for a ComfyUI clip_vision file, from its shapes."""
+    try:
+        hidden = int(sd["vision_model.embeddings.class_embedding"].shape[0])
+        patch = int(sd["vision_model.embeddings.patch_embedding.weight"].shape[-1])
+        tokens = int(sd["vision_model.embeddings.position_embedding.weight"].shape[0])
+        inter = int(sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0])
+        proj = int(sd["visual_projection.weight"].shape[0])
+    except KeyError as exc:
+        raise ValueError(f"Not a CLIP vision file in ComfyUI/transformers layout (no {exc.args[0]}).") from None
+    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers."))
+    if hidden not in _KNOWN_TOWERS:
+        raise ValueError(f"Unknown CLIP vision width {hidden}: pass --clip-vision-config with its heads and activation.")
+    heads, act = _KNOWN_TOWERS[hidden]
+    side = round((tokens - 1) ** 0.5)
+    return {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "image_size": side * patch, "patch_size": patch, "projection_dim": proj, "hidden_act": act, "layer_norm_eps": 1e-5}
+
+
+def load_clip_vision(path: str, config_json: Optional[str], dtype: torch.dtype, device: torch.device):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    p = Path(path)
+    if p.is_dir():
+        model = CLIPVisionModelWithProjection.from_pretrained(str(p), torch_dtype=dtype)
+    else:
+        from ..utils.files import load_state_dict_file
+
+        sd, _ = load_state_dict_file(p)
+        cfg = json.loads(Path(config_json).read_text()) if config_json else clip_vision_config_from_state_dict(sd)
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg))
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(f"{p.name} does not match a CLIP vision tower: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+        model = model.to(dtype)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def _load_sd(path: str, dtype: torch.dtype, device: torch.device):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = Path(path)
+    if not (root / "unet").is_dir():
+        raise FileNotFoundError(f"{root} is not a diffusers model folder (no unet/). Convert the checkpoint to diffusers format first.")
+    tokenizer = CLIPTokenizer.from_pretrained(str(root), subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(str(root), subfolder="text_encoder", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=dtype)
+    scheduler = DDPMScheduler.from_pretrained(str(root), subfolder="scheduler")
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False).eval().to(device=device)
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+class InstantBoothDenoiser(nn.Module):
+    """The trainable computation of one step in a single forward (so DDP sees every trainable parameter used):
+    FC heads -> concept token + patch tokens -> frozen UNet with the adapters hooked in -> eps."""
+
+    def __init__(self, ib: InstantBoothModel, unet: nn.Module, beta: float = 1.0) -> None:
+        super().__init__()
+        self.ib = ib
+        self.__dict__["unet"] = unet  # frozen, not a submodule: DDP and the state dict see only InstantBooth
+        self.__dict__["hooks"] = DiffusersAdapterHooks(unet, ib, beta=beta)
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_cond: torch.Tensor, rows: Sequence[Sequence[int]],
+                image_embeds: torch.Tensor, hidden_states: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        concept = self.ib.concept_encoder(image_embeds) * alpha  # (B, text_dim): N = 1 per sample
+        cond = torch.cat([inject_concept(text_cond[b : b + 1], rows[b], concept[b]) for b in range(text_cond.shape[0])])
+        self.hooks.set_patch_tokens(self.ib.patch_encoder(hidden_states))  # (B, T, patch_dim)
+        try:
+            return self.unet(noisy, timesteps, cond).sample
+        finally:
+            self.hooks.set_patch_tokens(None)
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m facebooth.training.train_instantbooth", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained-model", required=True, help="diffusers folder of an SD1.x model (unet, vae, text_encoder, tokenizer, scheduler)")
+    p.add_argument("--clip-vision", required=True, help="CLIP vision tower: transformers folder or ComfyUI clip_vision .safetensors")
+    p.add_argument("--clip-vision-config", default=None, help="JSON with CLIPVisionConfig kwargs for a .safetensors tower of unknown width")
+    p.add_argument("--init", default=None, help="continue from this InstantBooth file instead of a fresh init")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--mask-dir", default=None, help="subject masks with the same file stems (white = subject)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-name", default="instantbooth")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--identifier", default=DEFAULT_IDENTIFIER)
+    p.add_argument("--class-nouns", default=",".join(PERSON_NOUNS), help="comma-separated nouns the identifier goes before")
+    p.add_argument("--default-caption", default="a photo of a person")
+    p.add_argument("--patch-dim", type=int, default=768, help="patch-encoder output width of a fresh model")
+    p.add_argument("--num-heads", type=int, default=8, help="adapter heads of a fresh model")
+    p.add_argument("--no-augment", action="store_true", help="no reference augmentation (debugging only)")
+    p.add_argument("--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--lr-adapter", type=float, default=1e-6, help="paper: 1e-6")
+    p.add_argument("--lr-heads", type=float, default=1e-4, help="FC layers of both encoders; paper: 1e-4")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--max-steps", type=int, default=320_000, help="paper: 320k (person), 200k (cat) at batch 16")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=5000)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoints/step-* folder")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=0, help="log the loss on a fixed batch (fixed noise, no augmentation) every N steps; 0: off")
+    return p
+
+
+def _ids_and_rows(tokenizer, prompts: Sequence[str], identifier_id: int, length: int) -> tuple[torch.Tensor, list[list[int]]]:
+    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    rows = []
+    for prompt, row in zip(prompts, ids.tolist()):
+        try:
+            rows.append(identifier_rows([row], identifier_id))
+        except IdentifierError:
+            raise IdentifierError(f"The identifier fell outside the {length}-token window in: {prompt!r}. Shorten the caption.") from None
+    return ids, rows
+
+
+class _Step:
+    """Everything frozen that turns a data batch into the denoiser's inputs."""
+
+    def __init__(self, tokenizer, text_encoder, vae, clip_vision, scheduler, identifier_id, device, dtype):
+        self.tokenizer, self.text_encoder, self.vae, self.clip_vision = tokenizer, text_encoder, vae, clip_vision
+        self.scheduler, self.identifier_id, self.device, self.dtype = scheduler, identifier_id, device, dtype
+        self.scaling = getattr(vae.config, "scaling_factor", 0.18215)
+        self.window = text_encoder.config.max_position_embeddings
+        self.clip_size = clip_vision.config.image_size
+
+    @torch.no_grad()
+    def inputs(self, batch: dict, generator: Optional[torch.Generator] = None) -> dict:
+        dev, dt = self.device, self.dtype
+        latents = self.vae.encode(batch["pixel_values"].to(dev, dt)).latent_dist.sample(generator) * self.scaling
+        pixels = clip_preprocess(batch["reference"], self.clip_size).to(dev, dt)
+        out = self.clip_vision(pixel_values=pixels)
+        ids, rows = _ids_and_rows(self.tokenizer, batch["prompts"], self.identifier_id, self.window)
+        text = self.text_encoder(input_ids=ids.to(dev))[0]
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device="cpu").to(dev, latents.dtype)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator).to(dev)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        pred = self.scheduler.config.prediction_type
+        target = noise if pred == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
+        return {"noisy": noisy, "timesteps": timesteps, "text_cond": text, "rows": rows,
+                "image_embeds": out.image_embeds, "hidden_states": out.last_hidden_state, "target": target}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from accelerate import Accelerator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    out_file = out / f"{sanitize_name(args.output_name, what='output name')}.safetensors"
+    torch.manual_seed(args.seed + accelerator.process_index)
+    device = accelerator.device
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+
+    tokenizer, text_encoder, vae, unet, scheduler = _load_sd(args.pretrained_model, dtype, device)
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"Unsupported prediction type {scheduler.config.prediction_type!r}.")
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    clip_vision = load_clip_vision(args.clip_vision, args.clip_vision_config, dtype, device)
+    nouns = tuple(n.strip() for n in args.class_nouns.split(",") if n.strip())
+    ident_ids = tokenizer(args.identifier, add_special_tokens=False).input_ids
+    if len(ident_ids) != 1:
+        raise IdentifierError(f"The identifier {args.identifier!r} is {len(ident_ids)} tokens; pick a single-token word such as 'sks'.")
+
+    if args.init:
+        ib = load_instantbooth(args.init).requires_grad_(True)
+    else:
+        ib = InstantBoothModel(InstantBoothConfig(
+            clip_hidden_dim=clip_vision.config.hidden_size, clip_global_dim=clip_vision.config.projection_dim,
+            text_dim=text_encoder.config.hidden_size, patch_dim=args.patch_dim, num_heads=args.num_heads,
+            identifier=args.identifier, class_nouns=nouns, adapters=diffusers_layout(unet)))
+    ib.train()
+    denoiser = InstantBoothDenoiser(ib, unet)
+    step_inputs = _Step(tokenizer, text_encoder, vae, clip_vision, scheduler, ident_ids[0], device, dtype)
+
+    data = InstantBoothDataset(args.data_dir, args.mask_dir, args.resolution, clip_vision.config.image_size,
+                               ib.config.identifier, ib.config.class_nouns, args.default_caption)
+    batches = StepBatches(len(data), args.batch_size, args.seed, flip=not args.no_flip,
+                          rank=accelerator.process_index, world=accelerator.num_processes)
+    groups = [{"params": ib.adapter_parameters(), "lr": args.lr_adapter, "base_lr": args.lr_adapter},
+              {"params": ib.head_parameters(), "lr": args.lr_heads, "base_lr": args.lr_heads}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+
+    step = 0
+    resume_from = resolve_resume(out, args.resume)
+    if resume_from is not None:
+        info = load_run_state(resume_from, {"instantbooth": ib}, optimizer, rank=accelerator.process_index, scaler=accelerator.scaler)
+        step = int(info["step"])
+        if accelerator.is_main_process:
+            truncate_log(out, step)
+        log.info("Resumed from %s at step %d.", resume_from, step)
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+
+    eval_batch = None
+    if args.eval_every > 0:
+        n = min(len(data), max(args.batch_size, 4))
+        eval_batch = data.batch(range(n), [False] * n, None)
+
+    def evaluate() -> float:
+        g = torch.Generator().manual_seed(12345)
+        inputs = step_inputs.inputs(eval_batch, g)
+        target = inputs.pop("target")
+        denoiser.eval()
+        with torch.no_grad(), accelerator.autocast():
+            pred = denoiser(**inputs)
+        denoiser.train()
+        return float(F.mse_loss(pred.float(), target.float()))
+
+    def save(at: int) -> None:
+        accelerator.wait_for_everyone()
+        model = accelerator.unwrap_model(denoiser).ib
+        save_run_state(checkpoint_dir(out, at), at, {"instantbooth": model}, optimizer, rank=accelerator.process_index,
+                       is_main=accelerator.is_main_process, scaler=accelerator.scaler, keep=args.keep_checkpoints)
+        if accelerator.is_main_process:
+            save_instantbooth(model, out_file, {"trained_steps": at, "lr_adapter": args.lr_adapter, "lr_heads": args.lr_heads})
+
+    log.info("InstantBooth training: %d images, %d adapters, to step %d.", len(data), len(ib.config.adapters), args.max_steps)
+    if eval_batch is not None and step == 0 and accelerator.is_main_process:
+        append_log(out, {"step": 0, "eval_loss": evaluate()})
+    t0 = time.perf_counter()
+    while step < args.max_steps:
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, g["base_lr"], args.warmup_steps, args.max_steps, args.lr_schedule)
+        loss_sum = 0.0
+        for micro in range(args.gradient_accumulation_steps):
+            k = step * args.gradient_accumulation_steps + micro
+            indices, flips = batches(k)
+            gen = torch.Generator().manual_seed((args.seed * 1_000_003 + k) * 64 + accelerator.process_index)
+            batch = data.batch(indices, flips, None if args.no_augment else gen)
+            inputs = step_inputs.inputs(batch, gen)
+            target = inputs.pop("target")
+            with accelerator.accumulate(denoiser):
+                with accelerator.autocast():
+                    pred = denoiser(**inputs)
+                loss = F.mse_loss(pred.float(), target.float())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"InstantBooth loss became {loss.item()} at step {step}; lower the learning rates or use --mixed-precision no.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(ib.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += float(loss.detach())
+        step += 1
+        if accelerator.is_main_process:
+            record = None
+            if step % args.log_every == 0 or step == args.max_steps:
+                record = {"step": step, "loss": loss_sum / args.gradient_accumulation_steps,
+                          "lr_adapter": optimizer.param_groups[0]["lr"], "lr_heads": optimizer.param_groups[1]["lr"]}
+            if eval_batch is not None and (step % args.eval_every == 0 or step == args.max_steps):
+                record = {**(record or {"step": step}), "eval_loss": evaluate()}
+            if record is not None:
+                append_log(out, record)
+        if step % args.save_every == 0 or step == args.max_steps:
+            save(step)
+    log.info("InstantBooth training done: step %d in %.1fs, weights in %s", step, time.perf_counter() - t0, out_file)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
