@@ -16,12 +16,12 @@ stays numerically tame.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from . import save_official_pickle
 from ..pipelines.face2diffusion.loading import save_mapping, save_msid
 from ..pipelines.face2diffusion.mapping import F2DMapping, F2DMappingConfig
 from ..pipelines.face2diffusion.msid import MSIDConfig, MSIDEncoder
@@ -72,20 +72,6 @@ def random_mapping(seed: int = 0, config: Optional[F2DMappingConfig] = None) -> 
     return model.eval()
 
 
-def _atomic_torch_save(state: dict[str, torch.Tensor], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _write(model: torch.nn.Module, path: PathLike, save_ours, seed: int) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
@@ -95,7 +81,7 @@ def _write(model: torch.nn.Module, path: PathLike, save_ours, seed: int) -> Path
         raise ValueError(f"Give the file a .pt, .pth or .safetensors suffix, not {path.name!r}.")
     # The official files are plain state dicts of contiguous CPU tensors, nothing else pickled.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    return _atomic_torch_save(state, path)
+    return save_official_pickle(state, path)
 
 
 def write_random_msid(path: PathLike, seed: int = 0, config: Optional[MSIDConfig] = None) -> Path:

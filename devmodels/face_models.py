@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import save_official_pickle
 from ..pipelines.face.arcface import IResNet, IResNetConfig
 from ..pipelines.face.mtcnn import NET_NAMES, WEIGHT_SUFFIXES, ONet, PNet, RNet
 from ..utils.files import atomic_save_safetensors
@@ -47,27 +48,13 @@ def _randomize(state: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str
     return out
 
 
-def _atomic_torch_save(state: dict[str, torch.Tensor], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _write(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     suffix = path.suffix.lower()
     if suffix in (".safetensors", ".sft"):
         return atomic_save_safetensors(state, path, metadata)
     if suffix not in (".pth", ".pt"):
         raise ValueError(f"Give the file a .pth, .pt or .safetensors suffix, not {path.name!r}.")
-    return _atomic_torch_save(state, path)
+    return save_official_pickle(state, path)
 
 
 # ----------------------------------------------------------------------------------------------

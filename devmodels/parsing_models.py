@@ -7,12 +7,12 @@ running statistics, so eval-mode BatchNorm is exercised and the logits vary acro
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import torch
 
+from . import save_official_pickle
 from ..pipelines.face.parsing import BiSeNet, BiSeNetConfig
 from ..utils.files import atomic_save_safetensors
 
@@ -48,14 +48,4 @@ def write_random_bisenet(path: Union[str, os.PathLike], seed: int = 0) -> Path:
         return atomic_save_safetensors(state, path, {"model": "bisenet-face-parsing", "random_seed": str(seed)})
     if suffix not in (".pth", ".pt"):
         raise ValueError(f"Give the file a .pth, .pt or .safetensors suffix, not {path.name!r}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_official_pickle(state, path)

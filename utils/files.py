@@ -5,7 +5,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -39,22 +39,17 @@ def sanitize_name(name: str, *, what: str = "name") -> str:
     return cleaned[:_MAX_NAME_LEN]
 
 
-def atomic_save_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Write ``tensors`` to ``path`` via a temp file in the same folder and an atomic rename.
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temp file in the target folder, then rename it onto ``path``.
 
     An interrupted or failed write leaves no partial file behind.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        write(tmp)
         # mkstemp creates 0600; model folders are often shared, so use the usual umask-based mode
         umask = os.umask(0)
         os.umask(umask)
@@ -65,6 +60,17 @@ def atomic_save_safetensors(
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` to ``path`` as safetensors, atomically (see ``atomic_write``)."""
+    from safetensors.torch import save_file
+
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))
 
 
 class UnsafeFileError(ValueError):
