@@ -90,6 +90,8 @@ def _reference_images(image: torch.Tensor, faces: Optional[FaceSet]) -> torch.Te
             "The connected faces hold no face (Detect Faces found none). Check its debug output, or disconnect "
             "'faces' to train on the whole photos."
         )
+    if any(_FACE_CROP not in f.crops for f in faces.faces):
+        raise ValueError(f"The connected faces have no '{_FACE_CROP}' crops; connect the 'faces' output of Detect Faces.")
     return faces.crops(_FACE_CROP)
 
 
