@@ -223,17 +223,21 @@ def test_bins_for_visited_timesteps_are_exact_at_the_visited_ones():
 
 
 def test_iou_partition_finds_both_thresholds():
-    ious = {t: 1.0 - t / 1000 for t in range(950, 0, -50)}  # IoU grows as t falls
+    ious = {t: 1.01 - t / 1000 for t in range(950, 0, -50)}  # IoU grows as t falls
     plan = partition_by_iou(ious)
     assert plan.source == "iou"
-    assert plan.t_high == 300  # first t (from the top) with IoU >= 0.7
-    assert plan.t_low == 200  # below 200 IoU > 0.8: second static stage
+    assert plan.t_high == 325  # 300 is the first grid point with IoU >= 0.7 (0.71); 350 has 0.66
+    assert plan.t_low == 226  # 200 is the first with IoU > 0.8 (0.81): the second static stage starts there
+    step = {t: 0.2 if t >= 600 else (0.75 if t >= 300 else 0.95) for t in range(900, 0, -100)}
+    assert (partition_by_iou(step).t_low, partition_by_iou(step).t_high) == (251, 550)
     never_high = partition_by_iou({t: 0.75 - t / 4000 for t in range(950, 0, -50)})
     assert never_high.t_low == 0 and never_high.source == "iou"
     assert partition_by_iou({t: 0.1 for t in range(950, 0, -50)}) == PRESETS["official"]  # uninformative maps
-    noisy = {t: 1.0 - t / 1000 for t in range(950, 0, -50)}
-    noisy[700] = 0.95  # one stray map does not move the boundary (3-point smoothing)
-    assert partition_by_iou(noisy).t_high == 300
+    noisy = dict(ious)
+    noisy[700] = 0.95  # one stray map does not move the boundary (3-point median)
+    assert partition_by_iou(noisy) == plan
+    narrow = {t: 0.2 if t > 200 else 0.9 for t in range(950, 0, -50)}  # straight from < λ1 to > λ2
+    assert partition_by_iou(narrow) == PRESETS["official"]
 
 
 def test_attention_iou():

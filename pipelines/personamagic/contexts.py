@@ -100,7 +100,9 @@ def apply_bypass(hidden: torch.Tensor, slot_ids: torch.Tensor, bypass: torch.Ten
     rows = torch.gather(b, 1, idx)  # (B, L, D): the bypass for each position's slot
     norm = hidden.norm(dim=-1, keepdim=True)
     mixed = F.normalize(rows + hidden, dim=-1) * norm
-    return torch.where((slot_ids >= 0).unsqueeze(-1), mixed, hidden)
+    # a zero bypass (dropped in training) leaves h as it is, bit for bit, rather than renormalised
+    active = (slot_ids >= 0) & (rows != 0).any(-1)
+    return torch.where(active.unsqueeze(-1), mixed, hidden)
 
 
 def encode_kv(
@@ -133,8 +135,8 @@ def encode_kv(
         pre = captured["pre"] if use_ln else key
         mixed = apply_bypass(pre, slot_ids, bypass)
         value = encoder.final_layer_norm(mixed) if use_ln else mixed
-        # the LayerNorm is per position, so rows outside the slots are bit-identical to K anyway; make it explicit
-        value = torch.where((slot_ids >= 0).unsqueeze(-1), value, key)
+        # the LayerNorm is per position: rows the bypass left alone are K's rows; take them from K, bit for bit
+        value = torch.where((mixed != pre).any(-1, keepdim=True), value, key)
     return KVContexts(key=key, value=value, slot_ids=slot_ids, attention_probs=out.attention_probs)
 
 

@@ -84,10 +84,10 @@ def partition_by_iou(
 ) -> StagePlan:
     """Stage boundaries from IoU measured at a grid of timesteps.
 
-    Scanning from the noisiest measured t downwards: the first t whose IoU reaches λ1 is ``t_high`` (above
-    it IoU < λ1: first static stage); the first t below that whose IoU exceeds λ2 starts the second static
-    stage, so ``t_low`` is the grid point just above it (0 when IoU never exceeds λ2). Measurements are smoothed
-    with a 3-point running mean first (single noisy maps should not move a boundary).
+    Scanning from the noisiest measured t downwards, grid points are first-static while IoU < λ1, dynamic from
+    the first one whose IoU reaches λ1, and second-static from the first one below that whose IoU exceeds λ2
+    (none: no second static stage). Boundaries go halfway between neighbouring grid points. Measurements are
+    smoothed with a 3-point running median first, so one stray map does not move a boundary.
 
     When IoU never reaches λ1, or the dynamic stage would be narrower than ``min_width``, the attention maps
     say nothing useful (e.g. a random model or a face mask that covers the whole image) and ``fallback``
@@ -99,14 +99,14 @@ def partition_by_iou(
     if len(ts) < 2:
         raise ValueError("measure IoU at two timesteps at least")
     raw = [float(ious[t]) for t in ts]
-    smooth = [sum(raw[max(0, i - 1): i + 2]) / len(raw[max(0, i - 1): i + 2]) for i in range(len(raw))]
+    smooth = [sorted(raw[i - 1 : i + 2])[1] if 0 < i < len(raw) - 1 else raw[i] for i in range(len(raw))]
     hi_idx = next((i for i, v in enumerate(smooth) if v >= lambda_1), None)
     if hi_idx is None:
         log.warning("PersonaMagic: IoU never reached λ1=%.2f (max %.2f); using the %s stages", lambda_1, max(smooth), fallback.source)
         return fallback
-    t_high = ts[hi_idx]
+    t_high = num_timesteps - 1 if hi_idx == 0 else (ts[hi_idx - 1] + ts[hi_idx]) // 2
     lo_idx = next((i for i in range(hi_idx + 1, len(ts)) if smooth[i] > lambda_2), None)
-    t_low = 0 if lo_idx is None else ts[lo_idx - 1]  # the lowest grid point still at or below λ2
+    t_low = 0 if lo_idx is None else (ts[lo_idx - 1] + ts[lo_idx]) // 2 + 1
     if t_high - t_low < min_width:
         log.warning(
             "PersonaMagic: the IoU partition gave a dynamic stage [%d, %d] narrower than %d timesteps; using the %s stages",
