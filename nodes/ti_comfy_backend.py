@@ -194,7 +194,7 @@ class ComfyTIBackend(TIBackend):
             self.alphas_cumprod = (1.0 / (1.0 + sigmas**2)).float()
 
         # The CLIP's weights with any LoRA patches applied (as core's checkpoint saver reads them).
-        mm.load_models_gpu([clip.load_model()], force_patch_weights=True)
+        mm.load_models_gpu([clip.patcher], force_patch_weights=True)
         sd = clip.get_sd()
         # float32 like ComfyUI's own CLIP computes (it stores fp16 but runs in fp32); autocast speeds it up on GPU.
         self.text_encoders = [text_tower_from_clip(clip, k, sd, device=self.device, dtype=text_dtype) for k in keys]
