@@ -21,6 +21,8 @@ author's machine. Instead, an input value may be a placeholder that the runner f
 ``INSIGHTFACE_PACK`` insightface pack name (``antelopev2``, random weights written for the run)
 ``F2D_MSID``        Face2Diffusion MSID file in ``models/facebooth/face2diffusion`` (random, official layout)
 ``F2D_MAPPING``     Face2Diffusion mapping file (random, official layout)
+``INSTANTBOOTH_MODEL`` InstantBooth heads + adapters in ``models/facebooth/instantbooth`` (random)
+``CLIP_VISION``     CLIP ViT-L/14 image encoder in ``models/clip_vision`` (random, ComfyUI's layout)
 ==================  =====================================================================================
 
 ``--set NAME=VALUE`` adds or overrides any of them (VALUE parsed as JSON when it parses, else a string).
@@ -66,6 +68,8 @@ EDITOR_DEFAULTS: dict[str, Any] = {
     "INSIGHTFACE_PACK": "antelopev2",
     "F2D_MSID": "msid.pt",
     "F2D_MAPPING": "mapping.pt",
+    "INSTANTBOOTH_MODEL": "instantbooth_sd15.safetensors",
+    "CLIP_VISION": "clip-vit-large-patch14.safetensors",
 }
 
 
@@ -321,6 +325,12 @@ def _demo_models(seed: int) -> list[DemoModel]:
         models.append(DemoModel("facebooth/face2diffusion/mapping.pt", "F2D_MAPPING", "mapping.pt",
                                 lambda p: f2d_models.write_random_mapping(p, seed=seed),
                                 (f2d_models.__file__, f2d_mapping.__file__)))
+    try:
+        from ..devmodels import instantbooth_models
+    except ImportError as exc:
+        log.info("Random InstantBooth models unavailable (%s).", exc)
+    else:
+        models.extend(DemoModel(**spec) for spec in instantbooth_models.demo_models(seed))
     return models
 
 
