@@ -94,10 +94,11 @@ def scheduler(kind: str = "ddpm"):
     import diffusers
 
     cls = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler}[kind]
-    cfg = dict(SCHEDULER_CONFIG)
-    if kind == "euler":
-        cfg.pop("clip_sample"), cfg.pop("set_alpha_to_one")
-    return cls(**cfg)
+    import inspect
+
+    # keep only the options this scheduler class takes (DDPM has no set_alpha_to_one, Euler no clip_sample)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in SCHEDULER_CONFIG.items() if k in accepted})
 
 
 def cache_dir() -> Path:
