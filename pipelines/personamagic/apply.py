@@ -8,11 +8,14 @@
 
 Quantisation: a sampler with S steps visits only a handful of timesteps in the dynamic stage, but which
 ones is not known when the conditioning is built, so the stage is cut into ``bins`` runs of consecutive
-integer timesteps (DEFAULT_BINS = 100, i.e. 4 timesteps each for the official [400, 800]). A discrete
-SD model evaluates at an integer timestep, so a visited t gets mapper(rep(t)) with |t − rep(t)| ≤ 2;
-``quantization_error`` measures what that costs in the contexts (see ``docs`` in the tests and the
-benchmark: relative error well below 1 % for trained and freshly initialised mappers). ``bins`` equal to
-the stage width (401) makes it exact.
+integer timesteps (DEFAULT_BINS = 100, i.e. 4 timesteps each for the official [400, 800]). A discrete SD
+model evaluates at an integer timestep, so a visited t gets mapper(rep(t)) with |t − rep(t)| ≤ 2.
+``quantization_error`` measures the cost against the continuous mapper (benchmarks/bench_personamagic.py
+prints a table). At 100 bins, for a CLIP-L-wide mapper in the official init on the random CLIP-L: base tokens
+max 5.0 % / mean 1.8 % relative L2 error, K and V contexts (rows from the first placeholder on) max 1.1 % /
+mean 0.36 %; for scale, one bin for the whole stage (no dynamics at all) gives 38 % / 26 % and 7.7 % / 5.6 %.
+50 bins roughly doubles and 200 bins halves the error; ``bins`` = stage width (401) is exact, and so is the
+apply node with the sampler's SIGMAS connected (``stages.bins_for_visited``: one entry per visited timestep).
 """
 from __future__ import annotations
 
@@ -121,30 +124,32 @@ def quantization_error(
     image_embed: Optional[torch.Tensor] = None,
     stride: int = 1,
     batch: int = 32,
+    contexts: bool = True,
 ) -> dict[str, float]:
     """How far the binned contexts are from the continuous mapper over the dynamic stage.
 
     For every ``stride``-th integer t in [t_low, t_high]: relative L2 error ‖C(rep(t)) − C(t)‖ / ‖C(t)‖ of the
     K and V contexts at the placeholder-affected rows (rows from the first placeholder on), and of the base
-    tokens themselves. Returns the max and mean of each.
+    tokens themselves (``contexts=False``: the tokens only, no text-encoder runs). Returns the max and mean of each.
     """
     runs = dynamic_bins(plan, bins) if isinstance(bins, int) else list(bins)
     ts = list(range(plan.t_low, plan.t_high + 1, stride))
     rep_of = {t: next(b.rep for b in runs if b.first <= t <= b.last) for t in ts}
     cache = PromptCache(tokenizer)
-    errs: dict[str, list[float]] = {"key": [], "value": [], "tokens": []}
+    errs: dict[str, list[float]] = {"key": [], "value": [], "tokens": []} if contexts else {"tokens": []}
     first_slot = None
     for start in range(0, len(ts), batch):
         chunk = ts[start : start + batch]
-        k, v = mapper_contexts(encoder, tokenizer, mapper, prompt, trigger, chunk, image_embed, cache)
-        kq, vq = mapper_contexts(encoder, tokenizer, mapper, prompt, trigger, [rep_of[t] for t in chunk], image_embed, cache)
-        if first_slot is None:
-            text = expand_trigger(prompt, trigger, mapper.config.token_num)
-            _, slots = cache([text], internal_placeholders(mapper.config.token_num), "cpu")
-            first_slot = int((slots[0] >= 0).nonzero()[0])
-        for name, a, b in (("key", k, kq), ("value", v, vq)):
-            a, b = a[:, first_slot:], b[:, first_slot:]
-            errs[name] += ((b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)).tolist()
+        if contexts:
+            k, v = mapper_contexts(encoder, tokenizer, mapper, prompt, trigger, chunk, image_embed, cache)
+            kq, vq = mapper_contexts(encoder, tokenizer, mapper, prompt, trigger, [rep_of[t] for t in chunk], image_embed, cache)
+            if first_slot is None:
+                text = expand_trigger(prompt, trigger, mapper.config.token_num)
+                _, slots = cache([text], internal_placeholders(mapper.config.token_num), "cpu")
+                first_slot = int((slots[0] >= 0).nonzero()[0])
+            for name, a, b in (("key", k, kq), ("value", v, vq)):
+                a, b = a[:, first_slot:], b[:, first_slot:]
+                errs[name] += ((b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)).tolist()
         dev = next(mapper.parameters()).device
         t_true = torch.tensor(chunk, device=dev)
         t_rep = torch.tensor([rep_of[t] for t in chunk], device=dev)
