@@ -253,7 +253,9 @@ def test_long_negative_prompt_does_not_fool_the_v_path(comfy, hf_text, pm):
     assert dynamic_calls > 0
 
 
-def test_an_existing_attn2_patch_keeps_running(comfy, pm):
+def test_earlier_patches_and_replace_style_packs_keep_working(comfy, pm):
+    """An attn2 patch already on the MODEL still runs before ours (its change to other rows survives), and an
+    attn2_replace pack (IPAdapter-style: it gets the projected k and v) sees our V: v = to_v(V-path value)."""
     seen = {"n": 0}
 
     def other_pack(n, context, value, extra_options):
@@ -262,15 +264,31 @@ def test_an_existing_attn2_patch_keeps_running(comfy, pm):
         value[:, 0] = value[:, 0] * 1.5  # changes the BOS row, which PersonaMagic leaves alone
         return n, context, value
 
+    first = comfy.glue.transformer_blocks(comfy.model.model.diffusion_model)[0]
+    attn2 = comfy.model.model.diffusion_model.input_blocks[first[1]][1].transformer_blocks[0].attn2
+    replaced = []
+
+    def replace_pack(q, k, v, extra_options):
+        replaced.append((k.detach().float().clone(), v.detach().float().clone()))
+        h = extra_options["n_heads"]
+        split = lambda x: x.view(x.shape[0], -1, h, x.shape[-1] // h).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        return out.transpose(1, 2).reshape(q.shape[0], -1, q.shape[-1])
+
     base = comfy.model.clone()
     base.set_model_attn2_patch(other_pack)
+    base.set_model_attn2_replace(replace_pack, first[0], first[1])
     model, positive = _apply(comfy, pm, model=base, bins=4)[:2]
     patches = model.model_options["transformer_options"]["patches"]["attn2_patch"]
     assert patches[0] is other_pack and len(patches) == 2
     assert "patches" not in comfy.model.model_options["transformer_options"]  # the input MODEL is untouched
     calls, _ = _sample_with_capture(comfy, model, positive, [[comfy_plain(comfy, "blurry"), {}]], steps=4)
-    assert seen["n"] > 0
-    for call in calls:
+    assert seen["n"] > 0 and len(replaced) == len(calls)
+    with torch.no_grad():
+        w_k, w_v = attn2.to_k.weight.float(), attn2.to_v.weight.float()
+    for call, (k, v) in zip(calls, replaced):
+        torch.testing.assert_close(k, call.context @ w_k.T, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v, call.value @ w_v.T, atol=1e-4, rtol=1e-4)
         pos, _ = _positive_rows(call)
         for r in pos:
             torch.testing.assert_close(call.value[r, 0], call.context[r, 0] * 1.5)  # the earlier patch's change kept
@@ -355,3 +373,31 @@ def test_training_backend_routes_kv_probes_and_decodes_like_diffusers(comfy, pm)
         ref_img = ref.decode_differentiable(lat.detach())
     assert img.shape == (1, 3, 64, 64) and lat.grad.abs().sum() > 0
     torch.testing.assert_close(img.detach(), ref_img.detach(), atol=2e-3, rtol=2e-3)
+
+
+def test_apply_input_errors_and_the_load_node(comfy, pm, tmp_path):
+    import folder_paths
+
+    from facebooth.pipelines.personamagic.files import save_personamagic
+
+    with pytest.raises(ValueError, match="both 'image' and 'clip_vision'"):
+        _apply(comfy, pm, image=torch.rand(1, 64, 64, 3))
+    no_embed = PersonaMagicFile(mapper=pm.mapper, plan=pm.plan, family="sd1", image_embed=None)
+    with pytest.raises(ValueError, match="needs a CLIP image embedding"):
+        _apply(comfy, no_embed)
+    with pytest.raises(ValueError, match="trigger word"):
+        _apply(comfy, pm, prompt="a photo of a man")
+    model, cond = _apply(comfy, pm, v_path=False, bins=2)[:2]
+    assert model is comfy.model and len(cond) == 4
+    starts = [c[1]["start_percent"] for c in cond]
+    ends = [c[1]["end_percent"] for c in cond]
+    assert starts[0] == 0.0 and ends[-1] == 1.0 and all(e == s for e, s in zip(ends, starts[1:]))
+
+    save_personamagic(tmp_path / "someone.safetensors", pm.mapper, pm.plan, "sd1", pm.image_embed)
+    folder_paths.folder_names_and_paths["facebooth/personamagic"] = ([str(tmp_path)], {".safetensors"})
+    loaded = comfy.node.PersonaMagicLoad.execute(file="someone.safetensors")[0]
+    assert loaded.plan == pm.plan
+    a = _apply(comfy, pm, bins=3)[1]
+    b = _apply(comfy, loaded, bins=3)[1]
+    for x, y in zip(a, b):
+        assert torch.equal(x[0], y[0]) and x[1] == y[1]
