@@ -94,3 +94,26 @@ def test_prompt_without_the_trigger_is_refused(example_run, comfy_server, run_wo
     bad[APPLY] = {**bad[APPLY], "inputs": {**bad[APPLY]["inputs"], "prompt": "a photo of a man"}}
     with pytest.raises(WorkflowFailedError, match="does not contain the trigger word"):
         run_workflow(comfy_server.client, bad, subs)
+
+
+def test_interrupt_during_training_leaves_no_file(example_run, comfy_server, comfy_base_dir):
+    import threading
+
+    api, _, _, _, _ = example_run
+    train = {k: api[k] for k in ("1", "2", "3", TRAIN)}
+    inputs = {k: v for k, v in train[TRAIN]["inputs"].items() if k != "face_analyzer"}
+    train[TRAIN] = {**train[TRAIN], "inputs": {**inputs, "name": "fb_pm_interrupted", "steps": 400, "seed": 7, "overwrite": False}}
+    client = comfy_server.client
+    sent = threading.Event()
+
+    def on_progress(event) -> None:
+        if event.kind == "progress" and event.node_id == TRAIN and not sent.is_set():
+            sent.set()
+            client.interrupt()  # what the Cancel button sends
+
+    prompt_id = client.queue_prompt(train)
+    with pytest.raises(WorkflowFailedError, match="interrupted"):
+        client.wait(prompt_id, timeout=600, on_progress=on_progress)
+    assert sent.is_set(), "the training node never reported progress"
+    folder = comfy_base_dir / "models" / "facebooth" / "personamagic"
+    assert not [p.name for p in folder.iterdir() if "fb_pm_interrupted" in p.name]
