@@ -298,3 +298,20 @@ def fuse_subject_rows(
     out[:, idx] = fused
     return out
 
+
+
+def fuse_rows_per_sample(
+    cond: torch.Tensor, positions: torch.Tensor, features: torch.Tensor, fuse: nn.Module, active: torch.Tensor
+) -> torch.Tensor:
+    """Training form: each sample b has its own subject row ``positions[b]`` and features ``features[b]``; rows of
+    samples with ``active[b]`` False (text-only or unconditional samples) are left as they are. Differentiable."""
+    b = cond.shape[0]
+    rows = torch.arange(b, device=cond.device)
+    pos = positions.to(cond.device).long()
+    text = cond[rows, pos]  # (B, T)
+    fused = fuse(text, features.to(cond.device, cond.dtype))
+    keep = active.to(cond.device).reshape(b, 1)
+    new_rows = torch.where(keep, fused.to(cond.dtype), text)
+    out = cond.clone()
+    out[rows, pos] = new_rows
+    return out

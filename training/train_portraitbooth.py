@@ -1,0 +1,454 @@
+"""Train PortraitBooth: the STEA fuse MLP and the UNet (paper Sec. 4-5.1).
+
+    accelerate launch -m facebooth.training.train_portraitbooth --pretrained-model sd15-diffusers/ \
+        --arcface backbone.pth --data-dir prepared/ --output-dir runs/portraitbooth \
+        --batch-size 2 --lr 1e-5 --max-steps 150000 --mixed-precision bf16
+
+Data: a folder prepared by ``python -m facebooth.training.portraitbooth_data`` (images, reference faces, masks,
+landmarks, captions). Per sample and step:
+
+* 10 % unconditional (empty caption), 10 % text only (caption, no identity), otherwise the identity word's text
+  output is replaced by STEA(text output, ArcFace features of the reference face) (``--arcface-layers``);
+* L_noise: epsilon (or v) MSE, for half of the samples only inside the face mask;
+* L_loc (ECAC): truncated localization of the identity token (beta 0.8, lambda 1e-3) and of the emotion word, when
+  the caption has one (gamma 0.1, mu 1e-2), on the probed cross-attention layers;
+* L_id (DIP): for t <= R_t = 250, x^_0 -> VAE decode -> ArcFace-aligned crop (differentiable) -> 1 - cos with the
+  reference face's ArcFace embedding.
+
+Trained: the STEA MLP and the whole UNet (``--freeze-unet`` trains the MLP only). The text encoder, VAE and ArcFace
+are frozen. Outputs in ``--output-dir``: ``stea.safetensors`` (Load PortraitBooth STEA) and ``unet.safetensors`` (the
+UNet in ComfyUI's LDM layout, for Load Diffusion Model), plus resumable checkpoints and ``train_log.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..pipelines.face.align import crop_matrix
+from ..pipelines.face.arcface import load_arcface
+from ..pipelines.portraitbooth.fastcomposer_loading import save_stea, unet_diffusers_to_ldm
+from ..pipelines.portraitbooth.losses import (
+    BETA,
+    GAMMA,
+    LAMBDA_LOC,
+    MASK_LOSS_PROB,
+    MU_LOC,
+    R_T,
+    TEXT_ONLY_PROB,
+    UNCOND_PROB,
+    TokenAttention,
+    dip_identity_loss,
+    localization_loss,
+    noise_loss,
+    predict_x0,
+)
+from ..pipelines.portraitbooth.stea import (
+    ARCFACE_LAYERS,
+    DEFAULT_ARCFACE_LAYERS,
+    STEAConfig,
+    STEAModel,
+    arcface_feature_dims,
+    arcface_features,
+    fuse_rows_per_sample,
+)
+from ..pipelines.portraitbooth.token_positions import SubjectWordError, find_subject_positions
+from ..utils.files import atomic_save_safetensors
+from .f2d_data import (
+    StepBatches,
+    append_log,
+    checkpoint_dir,
+    load_run_state,
+    lr_at,
+    resolve_resume,
+    save_run_state,
+    truncate_log,
+)
+from .portraitbooth_data import PortraitBoothDataset
+
+log = logging.getLogger("FaceBooth")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cross-attention probe (diffusers attention processor)
+# ----------------------------------------------------------------------------------------------------
+
+
+class AttentionProbe:
+    """Collects cross-attention probabilities at chosen token columns while the UNet runs."""
+
+    def __init__(self) -> None:
+        self.columns: Optional[torch.Tensor] = None  # (B, K) token indices per sample
+        self.latent_hw: tuple[int, int] = (0, 0)
+        self.maps: list[TokenAttention] = []
+
+    def reset(self, columns: Optional[torch.Tensor], latent_hw: tuple[int, int]) -> None:
+        self.columns, self.latent_hw, self.maps = columns, latent_hw, []
+
+    def record(self, probs: torch.Tensor, batch: int) -> None:
+        """``probs`` (B, heads, HW, L) of one layer."""
+        if self.columns is None:
+            return
+        h0, w0 = self.latent_hw
+        hw = probs.shape[2]
+        factor = round((h0 * w0 / hw) ** 0.5)
+        cols = self.columns.to(probs.device)
+        idx = cols[:, None, None, :].expand(batch, probs.shape[1], hw, cols.shape[1])
+        self.maps.append(TokenAttention(probs.gather(-1, idx), h0 // factor, w0 // factor))
+
+
+class ProbeAttnProcessor:
+    """Cross-attention written out with an explicit softmax so its probabilities can be recorded; computes the same
+    output as diffusers' default processor (tests check this)."""
+
+    def __init__(self, probe: AttentionProbe) -> None:
+        self.probe = probe
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        batch = hidden_states.shape[0]
+        heads = attn.heads
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(context)
+        v = attn.to_v(context)
+        d = k.shape[-1] // heads
+        q, k, v = (t.view(batch, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attn.prepare_attention_mask(attention_mask, context.shape[1], batch).view(batch, heads, -1, context.shape[1])
+        probs = scores.softmax(dim=-1)
+        if encoder_hidden_states is not None:
+            self.probe.record(probs, batch)
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, -1, heads * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def probed_layer_names(unet, which: str = "middle") -> list[str]:
+    """attn2 modules to probe. ``middle``: all but the highest-resolution level (FastComposer's five middle groups
+    on SD1.5: down_blocks.1-2, mid_block, up_blocks.1-2); ``all``: every cross-attention layer."""
+    names = [n for n, _ in unet.attn_processors.items() if ".attn2." in n]
+    if which == "all":
+        return names
+    levels = len(unet.config.block_out_channels)
+    outer = ("down_blocks.0.", f"up_blocks.{levels - 1}.")
+    middle = [n for n in names if not n.startswith(outer)]
+    return middle or names
+
+
+def install_probe(unet, probe: AttentionProbe, which: str = "middle") -> list[str]:
+    names = probed_layer_names(unet, which)
+    procs = dict(unet.attn_processors)
+    for n in names:
+        procs[n] = ProbeAttnProcessor(probe)
+    unet.set_attn_processor(procs)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m facebooth.training.train_portraitbooth", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained-model", required=True, help="diffusers folder of SD1.5 (unet, vae, text_encoder, tokenizer, scheduler)")
+    p.add_argument("--arcface", required=True, help="arcface_torch IResNet backbone (.pth or our .safetensors): the face recognizer")
+    p.add_argument("--data-dir", required=True, help="a folder prepared by facebooth.training.portraitbooth_data")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--arcface-layers", nargs="+", default=list(DEFAULT_ARCFACE_LAYERS), choices=list(ARCFACE_LAYERS),
+                   help="recognizer layers that feed the STEA (shallow layer1-4 pooled and/or the deep embedding)")
+    p.add_argument("--init-stea", default=None, help="continue from this STEA file")
+    p.add_argument("--freeze-unet", action="store_true", help="train the STEA MLP only")
+    p.add_argument("--resolution", type=int, default=None, help="training size (default: the prepared size)")
+    p.add_argument("--batch-size", type=int, default=2, help="per process (paper: 2)")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-5, help="constant learning rate (paper: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=150_000)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--rt", type=int, default=R_T, help="DIP: identity loss for timesteps t <= R_t")
+    p.add_argument("--id-weight", type=float, default=1.0, help="weight of the DIP identity loss")
+    p.add_argument("--beta", type=float, default=BETA)
+    p.add_argument("--gamma", type=float, default=GAMMA)
+    p.add_argument("--lambda-loc", type=float, default=LAMBDA_LOC)
+    p.add_argument("--mu-loc", type=float, default=MU_LOC)
+    p.add_argument("--loc-layers", choices=["middle", "all"], default="middle")
+    p.add_argument("--mask-prob", type=float, default=MASK_LOSS_PROB, help="share of samples with the noise loss on the face only")
+    p.add_argument("--text-only-prob", type=float, default=TEXT_ONLY_PROB)
+    p.add_argument("--uncond-prob", type=float, default=UNCOND_PROB)
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the written unet.safetensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoints/step-* folder")
+    p.add_argument("--log-every", type=int, default=1)
+    return p
+
+
+def load_sd(path: str, device: torch.device):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = Path(path)
+    if not (root / "unet").is_dir():
+        raise FileNotFoundError(f"{root} is not a diffusers model folder (no unet/). Convert the checkpoint to diffusers format first.")
+    tokenizer = CLIPTokenizer.from_pretrained(str(root), subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(str(root), subfolder="text_encoder").to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae").to(device).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet").to(device)
+    scheduler = DDPMScheduler.from_pretrained(str(root), subfolder="scheduler")
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+class CaptionEncoder:
+    """Tokenizes captions (77 tokens) and finds the identity / expression word slots with the same rule as the nodes."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.length = int(getattr(tokenizer, "model_max_length", 77) or 77)
+        self.specials = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
+        self._word_ids: dict[str, list[int]] = {}
+
+    def ids(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.tok(list(captions), padding="max_length", max_length=self.length, truncation=True, return_tensors="pt").input_ids
+
+    def word_ids(self, word: str) -> list[int]:
+        if word not in self._word_ids:
+            self._word_ids[word] = list(self.tok(word, add_special_tokens=False).input_ids)
+        return self._word_ids[word]
+
+    def slot(self, ids: torch.Tensor, word: Optional[str]) -> int:
+        """Row of ``word``'s last BPE piece in one caption's ids, or -1."""
+        if not word:
+            return -1
+        try:
+            (m,) = find_subject_positions([ids.tolist()], [word], [self.word_ids(word)], special_ids=self.specials,
+                                          is_word_end=lambda i: self.tok.convert_ids_to_tokens(int(i)).endswith("</w>"))
+        except SubjectWordError:
+            return -1
+        return m.position
+
+
+def _sample_modes(batch: int, gen: torch.Generator, uncond_prob: float, text_only_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.rand(batch, generator=gen)
+    uncond = r < uncond_prob
+    text_only = (r >= uncond_prob) & (r < uncond_prob + text_only_prob)
+    return uncond, text_only
+
+
+# ----------------------------------------------------------------------------------------------------
+# One step
+# ----------------------------------------------------------------------------------------------------
+
+
+def training_losses(batch: dict[str, Any], *, stea: STEAModel, unet, vae, text_encoder, captions: CaptionEncoder,
+                    backbone, scheduler, probe: AttentionProbe, args, device: torch.device, gen: torch.Generator,
+                    fixed_noise: Optional[torch.Tensor] = None, fixed_timesteps: Optional[torch.Tensor] = None,
+                    fixed_modes: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """All PortraitBooth losses for one batch. ``fixed_*`` pin the randomness (evaluation in tests)."""
+    pixels = batch["pixel_values"].to(device)
+    b = pixels.shape[0]
+    scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
+    with torch.no_grad():
+        dist = vae.encode(pixels).latent_dist
+        latents = (dist.mode() if fixed_noise is not None else dist.sample()) * scaling
+        ref = batch["ref"].to(device)
+        feats = arcface_features(backbone, ref, stea.config.arcface_layers)
+        ref_emb = F.normalize(arcface_features(backbone, ref, ("embedding",)), dim=-1)
+    noise = fixed_noise.to(device) if fixed_noise is not None else torch.randn(latents.shape, generator=gen).to(device)
+    t = fixed_timesteps.to(device) if fixed_timesteps is not None else \
+        torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if fixed_modes is not None:
+        uncond, text_only, use_mask = fixed_modes
+    else:
+        uncond, text_only = _sample_modes(b, gen, args.uncond_prob, args.text_only_prob)
+        use_mask = torch.rand(b, generator=gen) < args.mask_prob
+
+    texts = ["" if u else c for u, c in zip(uncond.tolist(), batch["caption"])]
+    ids = captions.ids(texts)
+    id_slot = torch.tensor([captions.slot(ids[i], None if uncond[i] else batch["identity_word"][i]) for i in range(b)])
+    exp_slot = torch.tensor([captions.slot(ids[i], None if uncond[i] else batch["expression_word"][i]) for i in range(b)])
+    fused = (~uncond) & (~text_only) & (id_slot >= 0)
+    with torch.no_grad():
+        text = text_encoder(input_ids=ids.to(device))[0]
+    cond = fuse_rows_per_sample(text, id_slot.clamp(min=0), feats, stea.fuse, fused.to(device))
+
+    columns = torch.stack([id_slot.clamp(min=0), exp_slot.clamp(min=0)], dim=1)
+    probe.reset(columns, tuple(latents.shape[-2:]))
+    pred = unet(noisy, t, cond).sample
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    face = batch["mask"].to(device)
+    lat_mask = F.interpolate(face[:, None].float(), size=latents.shape[-2:], mode="area")
+    l_noise = noise_loss(pred, target, lat_mask, use_mask.to(device))
+    l_loc = localization_loss(
+        probe.maps, face, torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long),
+        active=fused, has_expression=(exp_slot >= 0) & fused,
+        beta=args.beta, gamma=args.gamma, lam=args.lambda_loc, mu=args.mu_loc,
+    ) if probe.maps else pred.sum() * 0.0
+    probe.reset(None, (0, 0))
+
+    dip_active = fused.to(device) & (t <= args.rt)
+    if bool(dip_active.any()):
+        idx = torch.nonzero(dip_active).flatten()
+        x0 = predict_x0(noisy[idx], pred[idx], scheduler.alphas_cumprod, t[idx], scheduler.config.prediction_type)
+        decoded = ((vae.decode(x0 / scaling).sample.float() + 1) / 2).clamp(0, 1)
+        res = pixels.shape[-1]
+        scale = decoded.shape[-1] / res
+        mats = torch.stack([crop_matrix("arcface_112", (batch["landmarks"][i] + 0.5) * scale - 0.5).float() for i in idx.tolist()])
+        l_id = dip_identity_loss(decoded, mats, backbone, ref_emb[idx], torch.ones(len(idx), dtype=torch.bool, device=device))
+    else:
+        l_id = pred.sum() * 0.0
+    total = l_noise + l_loc + args.id_weight * l_id
+    return {"loss": total, "noise": l_noise.detach(), "loc": l_loc.detach(), "id": l_id.detach(),
+            "fused": fused.float().mean(), "dip_samples": dip_active.float().sum()}
+
+
+def save_outputs(out: Path, stea: STEAModel, unet, arcface_name: str, step: int, save_dtype: str, frozen_unet: bool) -> None:
+    save_stea(stea, out / "stea.safetensors", {"trained_steps": step, "recognizer": arcface_name, "unet_trained": not frozen_unet})
+    if frozen_unet:
+        return
+    dtype = torch.float16 if save_dtype == "fp16" else torch.float32
+    ldm = {k: v.detach().to(dtype) for k, v in unet_diffusers_to_ldm(unet.state_dict()).items()}
+    atomic_save_safetensors(ldm, out / "unet.safetensors", {"method": "portraitbooth", "component": "unet",
+                                                             "layout": "ldm", "trained_steps": str(step)})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from accelerate import Accelerator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed + accelerator.process_index)
+    device = accelerator.device
+
+    tokenizer, text_encoder, vae, unet, scheduler = load_sd(args.pretrained_model, device)
+    recognizer = load_arcface(args.arcface, device=device)
+    backbone = recognizer.backbone.eval().requires_grad_(False)
+    layers = tuple(args.arcface_layers)
+    text_dim = text_encoder.config.hidden_size
+    if args.init_stea:
+        from ..pipelines.portraitbooth.fastcomposer_loading import load_stea
+
+        stea = load_stea(args.init_stea)
+        if stea.config.feature_source != "arcface" or stea.config.text_dim != text_dim:
+            raise ValueError(f"--init-stea {args.init_stea} is not an ArcFace STEA for {text_dim}-wide text.")
+        layers = stea.config.arcface_layers
+    else:
+        feature_dim = arcface_feature_dims(backbone.config, layers)
+        stea = STEAModel(STEAConfig(text_dim=text_dim, feature_dim=feature_dim, hidden_dim=text_dim,
+                                    feature_source="arcface", arcface_layers=layers))
+    stea = stea.to(device).train().requires_grad_(True)
+    if args.freeze_unet:
+        unet.requires_grad_(False)
+    else:
+        unet.train().requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    probe = AttentionProbe()
+    probed = install_probe(unet, probe, args.loc_layers)
+    log.info("PortraitBooth training: ArcFace layers %s, %d probed cross-attention layers, UNet %s.", list(layers),
+             len(probed), "frozen" if args.freeze_unet else "trained")
+
+    data = PortraitBoothDataset(args.data_dir, args.resolution)
+    batches = StepBatches(len(data), args.batch_size, args.seed, flip=not args.no_flip,
+                          rank=accelerator.process_index, world=accelerator.num_processes)
+    params = [{"params": list(stea.fuse.parameters())}]
+    if not args.freeze_unet:
+        params.append({"params": [p for p in unet.parameters() if p.requires_grad]})
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    modules = {"stea": stea.fuse, "unet": unet}
+
+    step = 0
+    resume_from = resolve_resume(out, args.resume)
+    if resume_from is not None:
+        info = load_run_state(resume_from, modules, optimizer, rank=accelerator.process_index, scaler=accelerator.scaler)
+        step = int(info["step"])
+        if accelerator.is_main_process:
+            truncate_log(out, step)
+        log.info("Resumed from %s at step %d.", resume_from, step)
+    if args.freeze_unet:  # a module without trainable parameters must not be wrapped for DDP
+        fuse, optimizer = accelerator.prepare(stea.fuse, optimizer)
+        trained_models = (fuse,)
+    else:
+        fuse, unet, optimizer = accelerator.prepare(stea.fuse, unet, optimizer)
+        trained_models = (fuse, unet)
+    stea.fuse = fuse
+    captions = CaptionEncoder(tokenizer)
+    arcface_name = Path(args.arcface).name
+
+    def save(at: int) -> None:
+        accelerator.wait_for_everyone()
+        plain = {"stea": accelerator.unwrap_model(stea.fuse), "unet": accelerator.unwrap_model(unet)}
+        save_run_state(checkpoint_dir(out, at), at, plain, optimizer, rank=accelerator.process_index,
+                       is_main=accelerator.is_main_process, scaler=accelerator.scaler, keep=args.keep_checkpoints)
+        if accelerator.is_main_process:
+            stea.fuse = plain["stea"]
+            save_outputs(out, stea, plain["unet"], arcface_name, at, args.save_dtype, args.freeze_unet)
+            stea.fuse = fuse
+
+    trained = [p for g in params for p in g["params"]]
+    t0 = time.perf_counter()
+    while step < args.max_steps:
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, "constant")
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        record: dict[str, float] = {}
+        for micro in range(args.gradient_accumulation_steps):
+            micro_step = step * args.gradient_accumulation_steps + micro
+            indices, flips = batches(micro_step)
+            batch = data.batch(indices, flips)
+            # one generator per micro-step: the same draws whether or not the run was resumed
+            gen = torch.Generator().manual_seed((args.seed * 1_000_003 + micro_step) * 64 + accelerator.process_index)
+            with accelerator.accumulate(*trained_models):
+                with accelerator.autocast():
+                    losses = training_losses(batch, stea=stea, unet=unet, vae=vae, text_encoder=text_encoder, captions=captions,
+                                             backbone=backbone, scheduler=scheduler, probe=probe, args=args, device=device, gen=gen)
+                if not torch.isfinite(losses["loss"]):
+                    raise FloatingPointError(f"PortraitBooth loss became {losses['loss'].item()} at step {step}; lower --lr.")
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trained, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                record[k] = record.get(k, 0.0) + float(v.detach()) / args.gradient_accumulation_steps
+        step += 1
+        if accelerator.is_main_process and (step % args.log_every == 0 or step == args.max_steps):
+            append_log(out, {"step": step, "lr": lr, **record})
+        if step % args.save_every == 0 or step == args.max_steps:
+            save(step)
+    log.info("PortraitBooth training done: step %d in %.1fs; %s", step, time.perf_counter() - t0, out)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
