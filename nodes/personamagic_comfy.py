@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_management as mm
 
 from ..pipelines.personamagic.apply import ScheduleEntry
 from ..pipelines.personamagic.attention import KVCond
@@ -44,8 +45,9 @@ def single_tower(clip, dtype: torch.dtype = torch.float32, device=None) -> TextT
         raise UnsupportedModelError(
             f"PersonaMagic needs an SD1.x (clip_l) or SD2.x (clip_h) CLIP; this one holds {list(keys) or 'no CLIP tower'}."
         )
+    mm.load_models_gpu([clip.load_model()], force_patch_weights=True)  # LoRA patches on the CLIP are in its weights
     with torch.inference_mode(False):
-        return text_tower_from_clip(clip, keys[0], dtype=dtype, device=device)
+        return text_tower_from_clip(clip, keys[0], clip.get_sd(), dtype=dtype, device=device)
 
 
 def image_embeddings(clip_vision, images: torch.Tensor) -> torch.Tensor:
