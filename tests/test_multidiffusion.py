@@ -165,7 +165,7 @@ def test_bootstrapping_only_in_the_first_steps_and_only_for_foreground(unet):
 
 
 def test_call_batching_limits_and_memory_fit(unet):
-    b, h, w = 1, 8, 16
+    h, w = 8, 16
     left, right = _masks(h, w)
     regions = [Region([RegionPrompt(torch.randn(1, 5, CTX))], m) for m in (left, right)]
     x = torch.randn(2, 4, h, w)

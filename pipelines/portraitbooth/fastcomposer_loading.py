@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ...utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
-from .stea import STEAConfig, STEAError, STEAModel, config_from_fuse_state_dict
+from .stea import STEAConfig, STEAModel, config_from_fuse_state_dict
 
 log = logging.getLogger("FaceBooth")
 
