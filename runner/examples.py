@@ -23,6 +23,8 @@ author's machine. Instead, an input value may be a placeholder that the runner f
 ``F2D_MAPPING``     Face2Diffusion mapping file (random, official layout)
 ``INSTANTBOOTH_MODEL`` InstantBooth heads + adapters in ``models/facebooth/instantbooth`` (random)
 ``CLIP_VISION``     CLIP ViT-L/14 image encoder in ``models/clip_vision`` (random, ComfyUI's layout)
+``FASTCOMPOSER``    FastComposer-layout ``pytorch_model.bin`` in ``models/facebooth/portraitbooth`` (random)
+``PORTRAITBOOTH_STEA`` PortraitBooth STEA safetensors in ``models/facebooth/portraitbooth`` (random)
 ==================  =====================================================================================
 
 ``--set NAME=VALUE`` adds or overrides any of them (VALUE parsed as JSON when it parses, else a string).
@@ -70,6 +72,8 @@ EDITOR_DEFAULTS: dict[str, Any] = {
     "F2D_MAPPING": "mapping.pt",
     "INSTANTBOOTH_MODEL": "instantbooth_sd15.safetensors",
     "CLIP_VISION": "clip-vit-large-patch14.safetensors",
+    "FASTCOMPOSER": "fastcomposer/pytorch_model.bin",
+    "PORTRAITBOOTH_STEA": "portraitbooth_stea.safetensors",
 }
 
 
@@ -331,6 +335,20 @@ def _demo_models(seed: int) -> list[DemoModel]:
         log.info("Random InstantBooth models unavailable (%s).", exc)
     else:
         models.extend(DemoModel(**spec) for spec in instantbooth_models.demo_models(seed))
+    try:
+        from ..devmodels import portraitbooth_models as pb_models
+        from ..pipelines.portraitbooth import stea as pb_stea
+    except ImportError as exc:
+        log.info("Random PortraitBooth models unavailable (%s).", exc)
+    else:
+        models.append(DemoModel(f"facebooth/portraitbooth/{pb_models.FASTCOMPOSER_FILE}", "FASTCOMPOSER",
+                                pb_models.FASTCOMPOSER_FILE,
+                                lambda p: pb_models.write_random_fastcomposer(p, seed=seed),
+                                (pb_models.__file__, pb_stea.__file__)))
+        models.append(DemoModel(f"facebooth/portraitbooth/{pb_models.STEA_FILE}", "PORTRAITBOOTH_STEA",
+                                pb_models.STEA_FILE,
+                                lambda p: pb_models.write_random_stea(p, seed=seed),
+                                (pb_models.__file__, pb_stea.__file__)))
     return models
 
 
