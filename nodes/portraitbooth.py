@@ -197,7 +197,9 @@ def _subject_features(model: STEAModel, faces: list, name: str) -> SubjectFeatur
         crops = [f.crops[kind] for f in faces if kind in f.crops]
         return torch.stack(crops) if len(crops) == len(faces) else None
 
-    clip_images = stack("ffhq_512") if stack("ffhq_512") is not None else stack("clip_224")
+    clip_images = stack("ffhq_512")
+    if clip_images is None:
+        clip_images = stack("clip_224")
     embeddings = [f.embedding for f in faces if f.embedding is not None]
     return SubjectFeatures(
         clip_images=clip_images,

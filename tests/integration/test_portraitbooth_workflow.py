@@ -26,14 +26,17 @@ EXPRESSION = ex.EXAMPLES_DIR / "portraitbooth_expression_api.json"
 
 
 @pytest.fixture(scope="module")
-def pb_files(comfy_base_dir, random_checkpoint_name) -> dict[str, str]:
+def pb_files(comfy_base_dir, random_checkpoint_name, default_substitutions) -> dict[str, str]:
+    """The runner's random files when its default setup provides them, else written here."""
     folder = comfy_base_dir / "models" / "facebooth" / "portraitbooth"
-    if not (folder / FASTCOMPOSER_FILE).exists():
+    names = {"FASTCOMPOSER": default_substitutions.get("FASTCOMPOSER", FASTCOMPOSER_FILE),
+             "PORTRAITBOOTH_STEA": default_substitutions.get("PORTRAITBOOTH_STEA", STEA_FILE)}
+    if not (folder / names["FASTCOMPOSER"]).exists():
         sd15 = comfy_base_dir / "models" / "checkpoints" / random_checkpoint_name
-        write_random_fastcomposer(folder / FASTCOMPOSER_FILE, seed=0, sd15_checkpoint=sd15)
-    if not (folder / STEA_FILE).exists():
-        write_random_stea(folder / STEA_FILE, seed=0)
-    return {"FASTCOMPOSER": FASTCOMPOSER_FILE, "PORTRAITBOOTH_STEA": STEA_FILE}
+        write_random_fastcomposer(folder / names["FASTCOMPOSER"], seed=0, sd15_checkpoint=sd15)
+    if not (folder / names["PORTRAITBOOTH_STEA"]).exists():
+        write_random_stea(folder / names["PORTRAITBOOTH_STEA"], seed=0)
+    return names
 
 
 def _arr(img) -> np.ndarray:
@@ -57,7 +60,7 @@ def test_loaders_list_the_files(comfy_server, pb_files):
     for node in ("FaceBoothFastComposerLoader", "FaceBoothSTEALoader"):
         spec = info[node]["input"]["required"]["file"]
         options = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
-        assert FASTCOMPOSER_FILE in options and STEA_FILE in options
+        assert pb_files["FASTCOMPOSER"] in options and pb_files["PORTRAITBOOTH_STEA"] in options
 
 
 def test_two_subject_multidiffusion_workflow_runs(comfy_server, run_workflow, pb_files):
@@ -123,7 +126,7 @@ def test_missing_subject_word_fails_with_a_clear_message(comfy_server, default_s
 
 def test_stea_file_in_the_fastcomposer_loader_says_which_loader_to_use(comfy_server, default_substitutions, pb_files):
     api = ex.substitute(ex.load_workflow(SINGLE), {**default_substitutions, **pb_files, "WORKFLOW": "pb_wrong_loader"})
-    api["4"]["inputs"]["file"] = STEA_FILE
+    api["4"]["inputs"]["file"] = pb_files["PORTRAITBOOTH_STEA"]
     prompt_id = comfy_server.client.queue_prompt(api)
     with pytest.raises(WorkflowFailedError) as info:
         comfy_server.client.wait(prompt_id, timeout=300)
