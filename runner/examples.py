@@ -337,14 +337,15 @@ def _demo_models(seed: int) -> list[DemoModel]:
         models.extend(DemoModel(**spec) for spec in instantbooth_models.demo_models(seed))
     try:
         from ..devmodels import portraitbooth_models as pb_models
-        from ..pipelines.portraitbooth import stea as pb_stea
+        from ..devmodels import sd15_checkpoint as sd15
+        from ..pipelines.portraitbooth import fastcomposer_loading as pb_loading, stea as pb_stea
     except ImportError as exc:
         log.info("Random PortraitBooth models unavailable (%s).", exc)
     else:
         models.append(DemoModel(f"facebooth/portraitbooth/{pb_models.FASTCOMPOSER_FILE}", "FASTCOMPOSER",
                                 pb_models.FASTCOMPOSER_FILE,
                                 lambda p: pb_models.write_random_fastcomposer(p, seed=seed),
-                                (pb_models.__file__, pb_stea.__file__)))
+                                (pb_models.__file__, pb_stea.__file__, pb_loading.__file__, sd15.__file__)))
         models.append(DemoModel(f"facebooth/portraitbooth/{pb_models.STEA_FILE}", "PORTRAITBOOTH_STEA",
                                 pb_models.STEA_FILE,
                                 lambda p: pb_models.write_random_stea(p, seed=seed),

@@ -249,7 +249,8 @@ class ArcFaceRecognizer:
             raise TypeError(f"ArcFace expects float crops in [0, 1], got dtype {aligned.dtype}.")
         outs = []
         for start in range(0, aligned.shape[0], self.batch_size):
-            x = aligned[start : start + self.batch_size].to(self.device, self.dtype).permute(0, 3, 1, 2)
+            # contiguous: backprop through the convs with a channels-last view crashes this torch's CPU build
+            x = aligned[start : start + self.batch_size].to(self.device, self.dtype).permute(0, 3, 1, 2).contiguous()
             outs.append(self.backbone((x - 0.5) / 0.5).float())
         return torch.cat(outs) if outs else torch.zeros(0, self.embedding_dim, device=self.device)
 
