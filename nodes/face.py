@@ -19,7 +19,7 @@ from .types import FaceAnalyzer as FaceAnalyzerType
 from .types import Faces, Identity as IdentityType
 
 log = logging.getLogger("FaceBooth")
-CATEGORY = "FaceBooth/face"
+CATEGORY = "FaceBooth/Face"
 _CACHE = ModelCache()
 _NONE = "none"
 

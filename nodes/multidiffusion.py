@@ -27,7 +27,7 @@ from ..pipelines.multidiffusion import (
 )
 
 log = logging.getLogger("FaceBooth")
-CATEGORY = "FaceBooth/multidiffusion"
+CATEGORY = "FaceBooth/MultiDiffusion"
 WRAPPER_KEY = "facebooth_multidiffusion"
 LATENT_FACTOR = 8  # SD1.x / SD2.x / SDXL VAEs
 BOX_RESOLUTION = 1024  # boxes are drawn at this size and resized with the mask rule

@@ -36,7 +36,7 @@ from .types import FaceAnalyzer as FaceAnalyzerType
 from .types import Faces
 
 log = logging.getLogger("FaceBooth")
-CATEGORY = "FaceBooth/portraitbooth"
+CATEGORY = "FaceBooth/PortraitBooth"
 FOLDER = "facebooth/portraitbooth"
 
 STEAType = io.Custom("FACEBOOTH_STEA")
