@@ -16,12 +16,12 @@ Random weights mean nothing: they exercise loading, shapes and plumbing.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
+from . import save_official_pickle
 from ..pipelines.portraitbooth.fastcomposer_loading import save_stea
 from ..pipelines.portraitbooth.stea import DEFAULT_ARCFACE_LAYERS, STEAConfig, STEAModel
 
@@ -107,20 +107,6 @@ def fastcomposer_state_dict(unet, vae, text_encoder, image_encoder, postfuse: to
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def _atomic_torch_save(state: dict[str, torch.Tensor], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_random_fastcomposer(path: PathLike, seed: int = 0, sd15_checkpoint: Optional[PathLike] = None) -> Path:
     """A FastComposer-layout ``pytorch_model.bin`` with random weights (about 430 MB, mostly the full-size
     CLIP-L text encoder and VAE in bf16, which ComfyUI needs to recognise SD1.5).
@@ -136,7 +122,7 @@ def write_random_fastcomposer(path: PathLike, seed: int = 0, sd15_checkpoint: Op
         cfg = sd15.TinySD15Config(seed=seed)
         unet, vae, text = sd15.build_unet(cfg), sd15.build_vae(cfg), sd15.build_text_encoder(cfg)
     state = fastcomposer_state_dict(unet, vae, text, random_vision_encoder(seed + 10), random_postfuse(seed=seed + 11).fuse)
-    return _atomic_torch_save(state, Path(path))
+    return save_official_pickle(state, Path(path))
 
 
 def write_random_stea(path: PathLike, seed: int = 0, layers: Sequence[str] = DEFAULT_ARCFACE_LAYERS,

@@ -13,11 +13,7 @@ metadata), written atomically; nothing is pickled, so resuming never unpickles a
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
-import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -27,7 +23,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..pipelines.face2diffusion.expression import EXPRESSION_DIM
-from ..utils.files import atomic_save_safetensors
+# Shared run scaffolding, re-exported for the scripts and tests that import it from here.
+from .run_state import (  # noqa: F401
+    StepBatches,
+    lr_at,
+    checkpoint_dir,
+    latest_checkpoint,
+    resolve_resume,
+    save_run_state,
+    load_run_state,
+    append_log,
+    read_log,
+    truncate_log,
+)
 
 log = logging.getLogger("FaceBooth")
 
@@ -182,182 +190,3 @@ class FaceMappingDataset:
         out = {k: torch.stack([r[k] for r in rows]) for k in ("pixel_values", "id_pixels", "mask", "expression")}
         out["has_expression"] = torch.tensor([r["has_expression"] for r in rows])
         return out
-
-
-class StepBatches:
-    """Deterministic batches: step -> (indices, flips) for this process, from a per-epoch permutation."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, flip: bool = True, rank: int = 0, world: int = 1):
-        global_batch = batch_size * world
-        if n < global_batch:
-            raise ValueError(
-                f"The dataset has {n} images, fewer than one batch ({batch_size} x {world} processes). Lower --batch-size."
-            )
-        self.n, self.batch_size, self.seed, self.flip, self.rank, self.world = n, batch_size, seed, flip, rank, world
-        self.per_epoch = n // global_batch  # drop the last partial batch
-
-    def __call__(self, step: int) -> tuple[list[int], list[bool]]:
-        epoch, k = divmod(step, self.per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        perm = torch.randperm(self.n, generator=g)
-        flips = torch.rand(self.n, generator=g) < 0.5
-        gb = self.batch_size * self.world
-        chunk = perm[k * gb : (k + 1) * gb][self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return chunk.tolist(), [bool(flips[i]) and self.flip for i in chunk.tolist()]
-
-
-def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup, then constant or cosine to zero. A pure function of step, so resume needs no scheduler state."""
-    if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
-    if schedule == "cosine":
-        span = max(1, total - warmup)
-        return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-    return base_lr
-
-
-# --- run state ------------------------------------------------------------------------------------------------
-
-_CKPT_RE = re.compile(r"^step-(\d+)$")
-
-
-def checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return output_dir / "checkpoints" / f"step-{step:07d}"
-
-
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if _CKPT_RE.match(p.name) and (p / "state.json").is_file()]
-    return max(done, key=lambda p: int(_CKPT_RE.match(p.name).group(1)), default=None)
-
-
-def resolve_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
-    if not resume:
-        return None
-    if resume == "latest":
-        found = latest_checkpoint(output_dir)
-        if found is None:
-            log.info("No checkpoint in %s yet; starting from step 0.", output_dir / "checkpoints")
-        return found
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no state.json). Use --resume latest or a step-* folder.")
-    return path
-
-
-def _optimizer_to_flat(opt_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for pid, state in opt_sd["state"].items():
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{pid}.{name}"] = value
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": opt_sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_flat(tensors: dict[str, torch.Tensor], info: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for key, value in info.get("scalars", {}).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": info["param_groups"]}
-
-
-def save_run_state(
-    folder: Path,
-    step: int,
-    modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer,
-    rank: int = 0,
-    is_main: bool = True,
-    scaler: Any = None,
-    extra: Optional[dict] = None,
-    keep: int = 2,
-) -> None:
-    """Write ``folder`` (weights + optimizer from the main process, RNG per process) and prune old checkpoints.
-
-    ``state.json`` is written last: a folder without it is an interrupted save and is ignored by ``--resume latest``.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"rng.cuda.{i}"] = s
-    atomic_save_safetensors(rng, folder / f"rng_{rank}.safetensors")
-    if not is_main:
-        return
-    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
-    opt_tensors, opt_info = _optimizer_to_flat(optimizer.state_dict())
-    tensors.update(opt_tensors)
-    atomic_save_safetensors(tensors, folder / "state.safetensors", {"optimizer": json.dumps(opt_info)})
-    info = {"step": step, "scaler": scaler.state_dict() if scaler is not None else None, **(extra or {})}
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(folder / "state.json")
-    ckpts = sorted(
-        (p for p in folder.parent.iterdir() if _CKPT_RE.match(p.name)), key=lambda p: int(_CKPT_RE.match(p.name).group(1))
-    )
-    for old in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_run_state(
-    folder: Path,
-    modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer,
-    rank: int = 0,
-    scaler: Any = None,
-) -> dict:
-    """Restore what :func:`save_run_state` wrote; returns the state.json contents (``step`` etc.)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    info = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "state.safetensors"))
-    with safe_open(str(folder / "state.safetensors"), "pt") as f:
-        opt_info = json.loads(f.metadata()["optimizer"])
-    for name, module in modules.items():
-        prefix = f"{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
-    optimizer.load_state_dict(_optimizer_from_flat(tensors, opt_info))
-    if scaler is not None and info.get("scaler"):
-        scaler.load_state_dict(info["scaler"])
-    rng_file = folder / f"rng_{rank}.safetensors"
-    if rng_file.is_file():
-        rng = load_file(str(rng_file))
-        torch.set_rng_state(rng["rng.torch"])
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("rng.cuda."))]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
-    else:
-        log.warning("%s has no RNG state for process %d; randomness after resume will differ.", folder, rank)
-    return info
-
-
-def append_log(output_dir: Path, record: dict) -> None:
-    with open(output_dir / "train_log.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_log(output_dir: Path) -> list[dict]:
-    path = Path(output_dir) / "train_log.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_log(output_dir: Path, step: int) -> None:
-    """Drop log records after ``step`` (steps an interrupted run did after its last checkpoint)."""
-    records = [r for r in read_log(output_dir) if r.get("step", 0) <= step]
-    path = Path(output_dir) / "train_log.jsonl"
-    if path.is_file():
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(path)

@@ -32,13 +32,16 @@ from ..pipelines.face2diffusion.loading import load_mapping, load_msid, save_map
 from ..pipelines.face2diffusion.mapping import F2DMapping, F2DMappingConfig
 from .f2d_data import (
     FaceMappingDataset,
-    StepBatches,
+)
+from .run_state import (
     append_log,
     checkpoint_dir,
+    load_diffusers_sd,
     load_run_state,
     lr_at,
     resolve_resume,
     save_run_state,
+    StepBatches,
     truncate_log,
 )
 
@@ -98,25 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_sd(path: str, dtype: torch.dtype, device: torch.device):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    root = Path(path)
-    if not (root / "unet").is_dir():
-        raise FileNotFoundError(f"{root} is not a diffusers model folder (no unet/). Convert the checkpoint to diffusers format first.")
-    tokenizer = CLIPTokenizer.from_pretrained(str(root), subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(str(root), subfolder="text_encoder", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=dtype)
-    scheduler = DDPMScheduler.from_pretrained(str(root), subfolder="scheduler")
-    for m in (text_encoder, vae, unet):
-        m.requires_grad_(False)
-        m.eval()
-        m.to(device=device)
-    return tokenizer, text_encoder, vae, unet, scheduler
-
-
 def _prompt_ids(tokenizer, prompt: str, length: int = 77) -> torch.Tensor:
     """Padded to the text encoder's window (77 for CLIP), as the official pipeline does."""
     return tokenizer(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
@@ -134,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
 
-    tokenizer, text_encoder, vae, unet, noise_scheduler = _load_sd(args.pretrained_model, weight_dtype, device)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_diffusers_sd(args.pretrained_model, weight_dtype, device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     msid = load_msid(args.msid, device=device, dtype=weight_dtype).eval().requires_grad_(False)

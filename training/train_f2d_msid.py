@@ -31,13 +31,15 @@ from ..pipelines.face2diffusion.loading import load_msid, save_msid
 from ..pipelines.face2diffusion.msid import MSIDConfig, MSIDEncoder, level_slices
 from .f2d_data import (
     IdentityFolderDataset,
-    StepBatches,
+)
+from .run_state import (
     append_log,
     checkpoint_dir,
     load_run_state,
     lr_at,
     resolve_resume,
     save_run_state,
+    StepBatches,
     truncate_log,
 )
 

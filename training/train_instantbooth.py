@@ -56,14 +56,15 @@ from ..pipelines.instantbooth import (
 )
 from ..pipelines.instantbooth.prompt import DEFAULT_IDENTIFIER, PERSON_NOUNS
 from ..utils.files import sanitize_name
-from .f2d_data import (
-    StepBatches,
+from .run_state import (
     append_log,
     checkpoint_dir,
+    load_diffusers_sd,
     load_run_state,
     lr_at,
     resolve_resume,
     save_run_state,
+    StepBatches,
     truncate_log,
 )
 
@@ -195,23 +196,6 @@ def load_clip_vision(path: str, config_json: Optional[str], dtype: torch.dtype, 
     return model.eval().requires_grad_(False).to(device)
 
 
-def _load_sd(path: str, dtype: torch.dtype, device: torch.device):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    root = Path(path)
-    if not (root / "unet").is_dir():
-        raise FileNotFoundError(f"{root} is not a diffusers model folder (no unet/). Convert the checkpoint to diffusers format first.")
-    tokenizer = CLIPTokenizer.from_pretrained(str(root), subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(str(root), subfolder="text_encoder", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=dtype)
-    scheduler = DDPMScheduler.from_pretrained(str(root), subfolder="scheduler")
-    for m in (text_encoder, vae, unet):
-        m.requires_grad_(False).eval().to(device=device)
-    return tokenizer, text_encoder, vae, unet, scheduler
-
-
 class InstantBoothDenoiser(nn.Module):
     """The trainable computation of one step in a single forward (so DDP sees every trainable parameter used):
     FC heads -> concept token + patch tokens -> frozen UNet with the adapters hooked in -> eps."""
@@ -326,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
 
-    tokenizer, text_encoder, vae, unet, scheduler = _load_sd(args.pretrained_model, dtype, device)
+    tokenizer, text_encoder, vae, unet, scheduler = load_diffusers_sd(args.pretrained_model, dtype, device)
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"Unsupported prediction type {scheduler.config.prediction_type!r}.")
     if args.gradient_checkpointing:

@@ -60,14 +60,14 @@ from ..pipelines.portraitbooth.stea import (
 )
 from ..pipelines.portraitbooth.token_positions import SubjectWordError, find_subject_positions
 from ..utils.files import atomic_save_safetensors
-from .f2d_data import (
-    StepBatches,
+from .run_state import (
     append_log,
     checkpoint_dir,
     load_run_state,
     lr_at,
     resolve_resume,
     save_run_state,
+    StepBatches,
     truncate_log,
 )
 from .portraitbooth_data import PortraitBoothDataset
