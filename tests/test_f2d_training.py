@@ -312,7 +312,7 @@ def test_mapping_training_learns_class_guided_background(tiny_sd, mapping_data, 
             "--save-every", "100", "--no-flip", "--dropout", "0", "--resume", "latest",
         ]
 
-    tok, te, vae, unet, sched = tm._load_sd(str(tiny_sd), torch.float32, torch.device("cpu"))
+    tok, te, vae, unet, sched = tm.load_diffusers_sd(str(tiny_sd), torch.float32, torch.device("cpu"))
     msid = load_msid(mapping_data["msid"])
     ds = f2d_data.FaceMappingDataset(one / "images", one / "crops", resolution=32, mask_dir=one / "masks")
     batch = ds.batch([0, 0, 0, 0], [False] * 4)
