@@ -7,6 +7,7 @@ from typing import Any, Callable, Hashable, Optional
 import torch
 
 import comfy.model_management as mm
+import comfy.model_patcher
 import comfy.utils
 
 from ..pipelines.runtime import RunHooks
@@ -36,6 +37,26 @@ def pick_device(choice: str = "auto") -> torch.device:
     if choice == "cpu":
         return torch.device("cpu")
     return mm.get_torch_device()
+
+
+def managed(module: torch.nn.Module, device: str = "auto") -> "comfy.model_patcher.ModelPatcher":
+    """Wrap a torch module FaceBooth owns in ComfyUI's ModelPatcher, parked on its offload device.
+
+    Then ``load_managed`` (or a sampler, through a patch's ``models()``) places it with ``load_models_gpu``, and
+    ComfyUI's unload / "free memory" / --lowvram moves it back, like any core model.
+    """
+    load = pick_device(device)
+    offload = load if load.type == "cpu" else mm.unet_offload_device()
+    module.to(offload)
+    return comfy.model_patcher.ModelPatcher(module, load_device=load, offload_device=offload)
+
+
+def load_managed(*patchers: "comfy.model_patcher.ModelPatcher") -> None:
+    """Put these patchers' modules on their load device through ComfyUI (which may evict other models).
+
+    Whole: our modules are plain torch layers, which ComfyUI cannot stream in parts (only comfy.ops layers can).
+    """
+    mm.load_models_gpu(list(patchers), force_full_load=True)
 
 
 class ModelCache:
