@@ -89,6 +89,13 @@ def link_pack(base_dir: str | os.PathLike, pack_dir: str | os.PathLike, name: st
     return link
 
 
+def _set_parent_death_signal() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class ComfyServer:
     """A ComfyUI subprocess. Use as a context manager; ``client`` talks to it once started.
 
@@ -109,6 +116,7 @@ class ComfyServer:
         python: str | None = None,
         startup_timeout: float = 180.0,
         env: dict[str, str] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.comfyui_dir = check_comfyui_dir(comfyui_dir)
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="facebooth-comfy-")).resolve()
@@ -120,6 +128,9 @@ class ComfyServer:
         self.python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
         self.startup_timeout = startup_timeout
         self.env = env
+        # Linux: ComfyUI gets SIGTERM when the thread that started it dies, even by SIGKILL (batch, Ray actors),
+        # so a killed driver never leaves an orphan server holding memory.
+        self.die_with_parent = die_with_parent and sys.platform.startswith("linux")
         self.proc: subprocess.Popen | None = None
         self._log_handle = None
         self.client = ComfyClient(self.url)
@@ -156,6 +167,7 @@ class ComfyServer:
         self.proc = subprocess.Popen(
             self.command(), cwd=self.comfyui_dir, stdout=self._log_handle, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            preexec_fn=_set_parent_death_signal if self.die_with_parent else None,
         )
         try:
             self._wait_ready()
