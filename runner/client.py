@@ -206,20 +206,7 @@ class ComfyClient:
                     on_progress(event)
 
     def _finish(self, prompt_id: str, entry: dict, on_progress: ProgressCallback | None) -> dict:
-        status = entry.get("status", {})
-        if status.get("status_str") == "error":
-            details = {}
-            for name, data in status.get("messages", []):
-                if name in ("execution_error", "execution_interrupted"):
-                    details = data
-            if details.get("exception_message") is None and details:
-                raise WorkflowFailedError(f"Workflow was interrupted at node {details.get('node_id')}.", details)
-            node = f"node {details.get('node_id')} ({details.get('node_type')})" if details else "a node"
-            raise WorkflowFailedError(
-                f"ComfyUI failed in {node}: {details.get('exception_type', 'error')}: "
-                f"{str(details.get('exception_message', '')).strip()}",
-                details,
-            )
+        raise_for_history(entry)
         if on_progress is not None:
             on_progress(ProgressEvent("done", prompt_id))
         return entry
@@ -227,10 +214,7 @@ class ComfyClient:
     def output_images(self, prompt_id: str, entry: dict | None = None) -> list[OutputImage]:
         """The images the workflow's output nodes reported (SaveImage, PreviewImage, ...), with their bytes."""
         entry = entry if entry is not None else self.history(prompt_id)
-        found = []
-        for node_id, outputs in sorted(entry.get("outputs", {}).items(), key=lambda kv: _node_sort_key(kv[0])):
-            for img in outputs.get("images", []):
-                found.append(OutputImage(node_id, img["filename"], img.get("subfolder", ""), img.get("type", "output")))
+        found = listed_images(entry)
         for img in found:
             img.data = self.view(img.filename, img.subfolder, img.type)
         return found
@@ -275,6 +259,33 @@ class ComfyClient:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+def listed_images(entry: dict) -> list[OutputImage]:
+    """The images a ``/history`` entry lists (without their bytes), in node id order."""
+    found = []
+    for node_id, outputs in sorted(entry.get("outputs", {}).items(), key=lambda kv: _node_sort_key(kv[0])):
+        for img in outputs.get("images", []):
+            found.append(OutputImage(node_id, img["filename"], img.get("subfolder", ""), img.get("type", "output")))
+    return found
+
+
+def raise_for_history(entry: dict) -> None:
+    """Raise ``WorkflowFailedError`` with ComfyUI's message when a ``/history`` entry ended in an error."""
+    status = entry.get("status", {})
+    if status.get("status_str") == "error":
+        details = {}
+        for name, data in status.get("messages", []):
+            if name in ("execution_error", "execution_interrupted"):
+                details = data
+        if details.get("exception_message") is None and details:
+            raise WorkflowFailedError(f"Workflow was interrupted at node {details.get('node_id')}.", details)
+        node = f"node {details.get('node_id')} ({details.get('node_type')})" if details else "a node"
+        raise WorkflowFailedError(
+            f"ComfyUI failed in {node}: {details.get('exception_type', 'error')}: "
+            f"{str(details.get('exception_message', '')).strip()}",
+            details,
+        )
 
 
 def _node_sort_key(node_id: str):
