@@ -38,7 +38,8 @@ from ..pipelines.face2diffusion import (
 )
 from ..utils.files import load_state_dict_file
 from . import model_folders
-from .common import DEVICE_CHOICES, ModelCache, pick_device
+from .common import DEVICE_CHOICES, ModelCache, load_managed, managed
+from .controls import check_range, range_inputs, schedule
 from .types import Faces
 
 log = logging.getLogger("FaceBooth")
@@ -61,15 +62,17 @@ class UnsupportedBaseModelError(ValueError):
 
 @dataclass
 class F2DModels:
-    """What the loader hands on (socket FACEBOOTH_F2D)."""
+    """What the loader hands on (socket FACEBOOTH_F2D): both networks under one ComfyUI ModelPatcher, which
+    ComfyUI places on the GPU when they run and evicts on unload / free memory."""
 
     msid: MSIDEncoder
     mapping: F2DMapping
     name: str
+    patcher: Any = None  # comfy.model_patcher.ModelPatcher over nn.ModuleDict(msid=..., mapping=...)
 
     @property
     def device(self) -> torch.device:
-        return next(self.msid.parameters()).device
+        return self.patcher.load_device if self.patcher is not None else next(self.msid.parameters()).device
 
 
 @dataclass
@@ -102,16 +105,19 @@ def _file_key(path: str) -> tuple:
     return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
-def load_f2d_models(msid_path: str, mapping_path: str, device: torch.device) -> F2DModels:
-    msid = load_msid(msid_path, device=device)
-    mapping = load_mapping(mapping_path, device=device)
+def load_f2d_models(msid_path: str, mapping_path: str, device: str = "auto") -> F2DModels:
+    """Both files on the CPU, wrapped for ComfyUI's memory management (``device``: a DEVICE_CHOICES entry)."""
+    msid = load_msid(msid_path)
+    mapping = load_mapping(mapping_path)
     if mapping.config.id_dim != msid.feature_dim:
         raise F2DWeightsError(
             f"{os.path.basename(mapping_path)} takes {mapping.config.id_dim}-d identity vectors, but "
             f"{os.path.basename(msid_path)} makes {msid.feature_dim}-d ones: the two files do not belong together. "
             "Use the msid and mapping files of one release (official: msid.pt + mapping.pt) or of one training run."
         )
-    return F2DModels(msid=msid, mapping=mapping, name=f"{os.path.basename(msid_path)} + {os.path.basename(mapping_path)}")
+    patcher = managed(torch.nn.ModuleDict({"msid": msid, "mapping": mapping}), device)
+    return F2DModels(msid=msid, mapping=mapping, name=f"{os.path.basename(msid_path)} + {os.path.basename(mapping_path)}",
+                     patcher=patcher)
 
 
 def _expression_roots() -> list[str]:
@@ -203,6 +209,8 @@ def identity_vectors(models: F2DModels, crops: torch.Tensor, expression: Optiona
     Several photos: their MSID identity vectors are averaged before the mapping networks, like the mean
     ArcFace embedding of an Identity. One photo gives exactly the official computation.
     """
+    if models.patcher is not None:
+        load_managed(models.patcher)  # ComfyUI puts both networks on its device (and may evict others)
     v_id = encode_identity(models.msid, crops).float().mean(0, keepdim=True)
     exp, mask = prepare_expression(None if expression is None else expression.reshape(1, -1), 1, models.mapping.config.exp_dim)
     p = next(models.mapping.parameters())
@@ -335,8 +343,10 @@ def inject_identities(clip: Any, tokens: dict, identities: Sequence[F2DIdentity]
     return out
 
 
-def encode_prompt(clip: Any, text: str, identities: Sequence[F2DIdentity]) -> list:
-    """CONDITIONING for ``text`` with the identities injected (plain text when none of them has a face)."""
+def encode_prompt(clip: Any, text: str, identities: Sequence[F2DIdentity], start_at: float = 0.0, end_at: float = 1.0,
+                  attn_mask: Optional[torch.Tensor] = None) -> list:
+    """CONDITIONING for ``text`` with the identities injected (plain text when none of them has a face), acting in
+    [start_at, end_at] of the sampling and under ``attn_mask`` (controls.schedule); the plain prompt elsewhere."""
     if clip is None:
         raise RuntimeError("The CLIP input is invalid: the checkpoint loader gave no text encoder.")
     sd1_text_model(clip)
@@ -344,7 +354,10 @@ def encode_prompt(clip: Any, text: str, identities: Sequence[F2DIdentity]) -> li
     if not any(i.vectors is not None for i in identities):
         log.warning("FaceBooth Face2Diffusion: no face in any identity; encoding the prompt as plain text.")
         return clip.encode_from_tokens_scheduled(tokens)
-    return clip.encode_from_tokens_scheduled(inject_identities(clip, tokens, identities))
+    identity = clip.encode_from_tokens_scheduled(inject_identities(clip, tokens, identities))
+    if (start_at, end_at) == (0.0, 1.0) and attn_mask is None:
+        return identity
+    return schedule(identity, clip.encode_from_tokens_scheduled(tokens), start_at, end_at, attn_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,11 +430,10 @@ class F2DLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, msid_file: str, mapping_file: str, device: str) -> io.NodeOutput:
-        dev = pick_device(device)
         msid_path = model_folders.resolve_file(FOLDER, msid_file)
         mapping_path = model_folders.resolve_file(FOLDER, mapping_file)
-        key = (_file_key(msid_path), _file_key(mapping_path), str(dev))
-        return io.NodeOutput(_CACHE.get(key, lambda: load_f2d_models(msid_path, mapping_path, dev)))
+        key = (_file_key(msid_path), _file_key(mapping_path), device)
+        return io.NodeOutput(_CACHE.get(key, lambda: load_f2d_models(msid_path, mapping_path, device)))
 
 
 class F2DEncode(io.ComfyNode):
@@ -443,6 +455,7 @@ class F2DEncode(io.ComfyNode):
                     "BREAK and embedding:NAME work as in CLIP Text Encode; keep a pair inside one 75-token chunk.",
                 ),
                 *_identity_inputs(_STRENGTH_TIP),
+                *range_inputs(),
             ],
             outputs=[io.Conditioning.Output(display_name="conditioning",
                                             tooltip="Positive conditioning with the person's identity, for any sampler.")],
@@ -451,8 +464,10 @@ class F2DEncode(io.ComfyNode):
     @classmethod
     def execute(cls, clip: Any, f2d: F2DModels, text: str, placeholder: str, strength: float,
                 faces: Optional[FaceSet] = None, face_crops: Optional[torch.Tensor] = None,
-                expression: Optional[torch.Tensor] = None, identities: Optional[list] = None) -> io.NodeOutput:
+                expression: Optional[torch.Tensor] = None, identities: Optional[list] = None, start_at: float = 0.0,
+                end_at: float = 1.0, attn_mask: Optional[torch.Tensor] = None) -> io.NodeOutput:
         sd1_text_model(clip)  # refuse other families before any face work
+        check_range(start_at, end_at)
         people: list[F2DIdentity] = []
         if faces is not None or face_crops is not None:
             people.append(make_identity(f2d, faces, face_crops, expression, placeholder, strength, "Face2Diffusion Encode"))
@@ -464,7 +479,7 @@ class F2DEncode(io.ComfyNode):
                 "Face2Diffusion Encode: connect 'faces' (from Detect Faces) or 'face_crops', or chain Face2Diffusion "
                 "Identity nodes into 'identities'."
             )
-        return io.NodeOutput(encode_prompt(clip, text, people))
+        return io.NodeOutput(encode_prompt(clip, text, people, start_at, end_at, attn_mask))
 
 
 class F2DIdentityNode(io.ComfyNode):
