@@ -14,7 +14,7 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-COMMAND_MODULES: list[str] = ["weights", "examples", "cross_init"]
+COMMAND_MODULES: list[str] = ["weights", "examples", "cross_init", "batch"]
 
 log = logging.getLogger("FaceBooth")
 
