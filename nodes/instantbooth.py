@@ -28,13 +28,13 @@ from ..pipelines.instantbooth import (
     references_from_images,
 )
 from . import model_folders
-from .common import ModelCache
+from .common import ModelCache, load_managed, managed
 from .types import Faces
 
 log = logging.getLogger("FaceBooth")
 CATEGORY = "FaceBooth/InstantBooth"
 FOLDER = "facebooth/instantbooth"
-InstantBoothType = io.Custom("FACEBOOTH_INSTANTBOOTH")  # pipelines.instantbooth.InstantBoothModel
+InstantBoothType = io.Custom("FACEBOOTH_INSTANTBOOTH")  # ModelPatcher over a pipelines.instantbooth.InstantBoothModel
 _CACHE = ModelCache(max_items=2)
 
 
@@ -58,7 +58,8 @@ class InstantBoothLoader(io.ComfyNode):
     @classmethod
     def execute(cls, instantbooth_file: str) -> io.NodeOutput:
         path = model_folders.resolve_file(FOLDER, instantbooth_file)
-        return io.NodeOutput(_CACHE.get((path, os.path.getmtime(path)), lambda: load_instantbooth(path)))
+        # the socket and the cache hold ComfyUI's ModelPatcher (model on the offload device), never a bare module
+        return io.NodeOutput(_CACHE.get((path, os.path.getmtime(path)), lambda: managed(load_instantbooth(path))))
 
 
 # --- ComfyUI objects -> tensors ------------------------------------------------------------------------------
@@ -133,11 +134,17 @@ def encode_prompt(clip, text: str, ib: InstantBoothModel, concept: torch.Tensor)
 
 
 def apply_instantbooth(
-    model, clip, clip_vision, ib: InstantBoothModel, text: str, *, beta: float = 0.3, alpha: float = 0.4,
+    model, clip, clip_vision, ib, text: str, *, beta: float = 0.3, alpha: float = 0.4,
     start_at: float = 0.0, end_at: float = 1.0, apply_to: str = "both",
     reference=None, reference_mask=None, faces: FaceSet | None = None, attn_mask=None,
 ):
-    """(patched MODEL clone, CONDITIONING, reference crops) — the Apply node's work, callable from tests."""
+    """(patched MODEL clone, CONDITIONING, reference crops) — the Apply node's work, callable from tests.
+
+    ``ib``: the loader's ModelPatcher over an InstantBoothModel (a bare InstantBoothModel is wrapped here). The
+    heads run where ComfyUI loads it; the patch lists it in ``models()``, so samplers load it with the UNet.
+    """
+    patcher = managed(ib) if isinstance(ib, InstantBoothModel) else ib
+    ib = patcher.model
     if end_at < start_at:
         raise ValueError(f"end_at ({end_at}) is before start_at ({start_at}).")
     unused = check_coverage(ib.config.adapters, model_transformer_blocks(model))
@@ -146,14 +153,16 @@ def apply_instantbooth(
     size = int(getattr(clip_vision, "image_size", 224))
     crops = reference_crops(size, reference, reference_mask, faces)
     hidden, embeds = encode_references(clip_vision, crops, ib)
+    load_managed(patcher)
+    dev = patcher.load_device
     with torch.no_grad():
-        concept = ib.concept(embeds, alpha)
-        patch_tokens = ib.patch_tokens(hidden)
+        concept = ib.concept(embeds.to(dev), alpha).cpu()
+        patch_tokens = ib.patch_tokens(hidden.to(dev)).cpu()
     conditioning = encode_prompt(clip, text, ib, concept)
     sampling = model.get_model_object("model_sampling")
     sigma_range = (float(sampling.percent_to_sigma(start_at)), float(sampling.percent_to_sigma(end_at)))
     patch = AdapterPatch(ib, patch_tokens, comfy_block_map(ib.config.adapters), beta=beta, sigma_range=sigma_range,
-                         attn_mask=attn_mask, apply_to=apply_to)
+                         attn_mask=attn_mask, apply_to=apply_to, host_models=[patcher])
     patched = model.clone()
     patched.set_model_patch(patch, "middle_patch")
     log.info("InstantBooth: %d reference(s), %d patch tokens, beta %.2f, alpha %.2f", crops.shape[0], patch_tokens.shape[0], beta, alpha)

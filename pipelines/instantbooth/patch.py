@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,12 @@ class AdapterPatch:
         sigma_range: Optional[tuple[float, float]] = None,
         attn_mask: Optional[torch.Tensor] = None,
         apply_to: str = "both",
+        host_models: Sequence[Any] = (),
     ) -> None:
         """``patch_tokens`` (M, D) = f_p of all references; ``block_map`` (kind, id, block_index) -> adapter path;
         ``sigma_range`` (sigma_start, sigma_end): active while sigma_end <= sigma <= sigma_start; ``attn_mask``
-        (H, W) or (B, H, W) in [0, 1]: where on the image the adapters act."""
+        (H, W) or (B, H, W) in [0, 1]: where on the image the adapters act; ``host_models``: the host's handles
+        of ``model`` (ComfyUI: its ModelPatcher), returned by ``models()`` so the host loads them with the UNet."""
         if apply_to not in APPLY_TO:
             raise ValueError(f"apply_to must be one of {APPLY_TO}, got {apply_to!r}.")
         self.model = model
@@ -53,6 +55,11 @@ class AdapterPatch:
         self.apply_to = apply_to
         self._prepared: dict[tuple[str, torch.device, torch.dtype], PreparedAdapter] = {}
         self._masks: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._host_models = list(host_models)
+
+    def models(self) -> list:
+        """What the host must load with the UNet (ComfyUI: ``ModelPatcher.model_patches_models``)."""
+        return list(self._host_models)
 
     def to(self, device: Any) -> "AdapterPatch":
         """Hosts move patches with the model (ComfyUI: ``ModelPatcher.model_patches_to``). The weights stay where
