@@ -13,9 +13,15 @@ each next latent is affine in the prediction with the same coefficients for all 
   foreground region sees its own mask area of the current latent over a **constant-colour** background
   (a random one of a pool of VAE-encoded colours per region, view and step) noised to the current sigma
   with a fixed noise tensor. The background prompt is not bootstrapped.
+* Guidance: the official code guides per prompt, both predictions on that prompt's own input, then fuses.
+  The host guides once on the fused chunks (``u + s (c - u)``), which is the same thing when the negative
+  chunk is fused with the same inputs and weights as the positive one: guidance is affine, so the fused
+  guided prediction is the guidance of the fused predictions. Without bootstrapping every prompt sees the
+  real latent and the negative prediction is one job per view (averaged uniformly over views, which equals
+  the mask weights since their per-pixel sum does not depend on the view). While bootstrapping, a region's
+  negative prediction is made on the region's bootstrapped input, with the region's weight.
 * Windows: canvases larger than the model's native size are covered by ``window`` x ``window`` latent views
   with ``stride`` (official 64 / 8); a final view is added at each edge so the whole canvas is covered.
-  Unconditional (negative) predictions are averaged uniformly over views.
 * Batching: every (chunk, view, region) prediction is one job of the host's chunk size; jobs are stacked
   into as few denoiser calls as the batch limit allows, contexts of different lengths repeated to their
   least common multiple (attention over a repeated context equals attention over the original).
@@ -230,16 +236,27 @@ class MultiDiffusion:
         boot, step = self.bootstrapping(s0, sample_sigmas, bootstrap_sigma)
         if boot and noise_scaling is None:
             raise MultiDiffusionError("Bootstrapping needs the host's noise_scaling function.")
+        # One colour per (view, region) and step, drawn up front so the positive and negative chunks (in one
+        # call or in separate host calls) see the same bootstrapped input.
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        picks = torch.randint(0, self.bootstrap_latents.shape[0], (len(views), len(self.regions)), generator=gen) if boot else None
+
+        def boot_input(ci: int, vi: int, k: int, xv: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            y0, y1, x0, x1 = views[vi]
+            colour = self.bootstrap_latents[int(picks[vi, k])].to(x.device, x.dtype)
+            colour = colour.expand(xv.shape[1:]) if colour.shape[-1] == 1 else colour[..., : y1 - y0, : x1 - x0]
+            noise = self.fixed_noise((1,) + tuple(x.shape[1:]), x.device, x.dtype)[..., y0:y1, x0:x1]
+            noisy_bg = noise_scaling(sigma[ci * b : (ci + 1) * b].reshape(-1, 1, 1, 1), noise.expand_as(xv), colour[None].expand_as(xv))
+            return xv * m + noisy_bg * (1 - m)
 
         jobs: list[_Job] = []
         for ci, flag in enumerate(cond_or_uncond):
             xs = x[ci * b : (ci + 1) * b]
             own = context[ci * b : (ci + 1) * b]
-            for v in views:
+            for vi, v in enumerate(views):
                 y0, y1, x0, x1 = v
                 xv = xs[..., y0:y1, x0:x1]
-                if flag != COND:
+                if flag != COND and not boot:  # every prompt sees the real latent: one negative job per view
                     jobs.append(_Job(ci, v, None, xv, own, flag, uuids[ci]))
                     continue
                 bv = bg[y0:y1, x0:x1]
@@ -249,15 +266,11 @@ class MultiDiffusion:
                     m = fg[k, y0:y1, x0:x1]
                     if not bool(m.any()):
                         continue
-                    x_in = xv
-                    if boot:
-                        pick = int(torch.randint(0, self.bootstrap_latents.shape[0], (1,), generator=gen))
-                        colour = self.bootstrap_latents[pick].to(x.device, x.dtype)
-                        colour = colour.expand(xv.shape[1:]) if colour.shape[-1] == 1 else colour[..., : y1 - y0, : x1 - x0]
-                        noise = self.fixed_noise((1,) + tuple(x.shape[1:]), x.device, x.dtype)[..., y0:y1, x0:x1]
-                        noisy_bg = noise_scaling(sigma[ci * b : (ci + 1) * b].reshape(-1, 1, 1, 1), noise.expand_as(xv), colour[None].expand_as(xv))
-                        x_in = xv * m + noisy_bg * (1 - m)
+                    x_in = boot_input(ci, vi, k, xv, m) if boot else xv
                     active = [p for p in region.prompts if p.active(s0)]
+                    if flag != COND:  # the negative on this region's own input, weighted as its positive jobs
+                        jobs.append(_Job(ci, v, m * max(1, len(active)), x_in, own, flag, uuids[ci]))
+                        continue
                     if not active:  # no entry covers this sigma: the region follows the background prompt
                         jobs.append(_Job(ci, v, m, x_in, own, flag, uuids[ci]))
                     for p in active:
