@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import weakref
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -29,6 +29,7 @@ from ..pipelines.personamagic.train import FaceGuidance, PersonaMagicRun, Person
 from ..utils.files import BadNameError, sanitize_name
 from . import model_folders
 from .common import comfy_hooks
+from .controls import blend, check_range, range_inputs, schedule
 from .loss_curve import loss_curve_image
 from .personamagic_comfy import (
     ComfyPersonaMagicBackend,
@@ -269,6 +270,10 @@ class PersonaMagicApply(io.ComfyNode):
                 io.Image.Input("image", optional=True, tooltip="The reference photo for the bypass's CLIP image embedding (with clip_vision). Without it the embedding stored at training is used."),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="The CLIP vision model used in training, to embed 'image'."),
                 io.Sigmas.Input("sigmas", optional=True, tooltip="Optional: the sampler's sigmas (e.g. from BasicScheduler). Then there is one entry per visited timestep and the conditioning is exactly the mapper's output at each step."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=3.0, step=0.05, optional=True,
+                               tooltip="1 = PersonaMagic as trained. Blends every K and V context toward the plain prompt (the trigger replaced by "
+                               "the supercategory word, 'face'), as Conditioning Average does: 0 = the plain prompt and the unpatched MODEL."),
+                *range_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the V-path attention patch appended."),
@@ -280,8 +285,10 @@ class PersonaMagicApply(io.ComfyNode):
     def execute(
         cls, model, clip, personamagic: PersonaMagicFile, prompt: str, trigger_word: str, bins: int, v_path: bool,
         image: Optional[torch.Tensor] = None, clip_vision=None, sigmas: Optional[torch.Tensor] = None,
+        strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0, attn_mask: Optional[torch.Tensor] = None,
     ) -> io.NodeOutput:
         check_trigger(prompt, trigger_word)
+        check_range(start_at, end_at)
         pm = personamagic
         device = mm.text_encoder_device()
         tower = single_tower(clip, device=device)
@@ -311,7 +318,14 @@ class PersonaMagicApply(io.ComfyNode):
                 tower.encoder, tower.tokenizer, mapper, prompt, trigger_word, pm.plan,
                 None if embed is None else embed.to(device), bins=runs, supercategory=pm.supercategory,
             )
-        conditioning = conditioning_from_entries(model, entries)
+        plain_key = entries[0].key  # stage 1: the prompt with the supercategory word, no identity
+        plain = [[plain_key.clone(), {}]]
+        if strength == 0.0:
+            log.info("FaceBooth: PersonaMagic strength 0: the plain prompt and the unpatched MODEL")
+            return io.NodeOutput(model, plain)
+        if strength != 1.0:
+            entries = [replace(e, key=blend(e.key, plain_key, strength), value=blend(e.value, plain_key, strength)) for e in entries]
+        conditioning = schedule(conditioning_from_entries(model, entries), plain, start_at, end_at, attn_mask)
         out_model = model
         if v_path and pm.mapper.config.output_bypass:
             out_model = with_value_patch(model, value_patch_for(entries, name="personamagic"))

@@ -9,8 +9,6 @@ from typing import Any, Optional
 import torch
 from comfy_api.latest import io
 
-import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.sd
 import folder_paths
 
@@ -32,6 +30,8 @@ from ..pipelines.portraitbooth.token_positions import (
     token_id,
 )
 from . import model_folders
+from .common import load_managed, managed
+from .controls import check_range, range_inputs, schedule
 from .types import FaceAnalyzer as FaceAnalyzerType
 from .types import Faces
 
@@ -52,8 +52,7 @@ class LoadedSTEA:
 
 
 def _wrap(model: STEAModel, name: str) -> LoadedSTEA:
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-    return LoadedSTEA(model=model, patcher=patcher, name=name)
+    return LoadedSTEA(model=model, patcher=managed(model), name=name)
 
 
 def _file_input(tooltip: str) -> io.Combo.Input:
@@ -233,19 +232,24 @@ class PortraitBoothConditioning(io.ComfyNode):
                 io.String.Input("subject_words", default="man",
                                 tooltip="The word(s) in the prompt that stand for the person(s), e.g. 'man' or 'man, woman'. "
                                 "A repeated word takes its occurrences in order. A word missing from the prompt is an error."),
-                io.Float.Input("text_only_fraction", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Delayed subject conditioning: the first part of sampling (a share of the noise schedule) "
-                               "uses the plain text prompt, the rest the identity. FastComposer's published setting is 0.2; 0 = off."),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="The identity acts from this fraction of the sampling on; before it the plain text prompt is used. "
+                               "This is FastComposer's delayed subject conditioning (its 'text only fraction'); its published setting is 0.2; 0 = off."),
                 FaceAnalyzerType.Input("face_analyzer", optional=True,
                                        tooltip="Needed only for STEA files that read shallow ArcFace layers: the Face Analyzer (PyTorch) "
                                        "with the ArcFace the STEA was trained with."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=3.0, step=0.05, optional=True,
+                               tooltip="1 = STEA as trained. The subject rows are blended toward the plain text rows: 0 = the plain prompt, "
+                               "above 1 extrapolates."),
+                *[i for i in range_inputs() if i.id != "start_at"],
             ],
             outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="Positive conditioning with the identity in the subject word(s).")],
         )
 
     @classmethod
-    def execute(cls, stea: LoadedSTEA, clip, faces: FaceSet, text: str, subject_words: str, text_only_fraction: float,
-                face_analyzer=None) -> io.NodeOutput:
+    def execute(cls, stea: LoadedSTEA, clip, faces: FaceSet, text: str, subject_words: str, start_at: float = 0.0,
+                face_analyzer=None, strength: float = 1.0, end_at: float = 1.0, attn_mask=None) -> io.NodeOutput:
+        check_range(start_at, end_at)
         subjects = parse_subject_words(subject_words)
         tokens = clip.tokenize(text)
         matches = locate_subjects(clip, tokens, subjects, text)
@@ -271,10 +275,12 @@ class PortraitBoothConditioning(io.ComfyNode):
                     "with the ArcFace backbone it was trained with to 'face_analyzer'."
                 )
             per_subject = _faces_per_subject(faces, len(subjects))
-            mm.load_model_gpu(stea.patcher)
+            load_managed(stea.patcher)
             with torch.no_grad():
                 feats = torch.stack([model.features(_subject_features(model, fs, s), backbone) for fs, s in zip(per_subject, subjects)])
                 fused = fuse_subject_rows(cond, [m.position for m in matches], feats, model.fuse)
+            if strength != 1.0:  # only the subject rows differ; 0 gives the text rows back exactly
+                fused = cond + strength * (fused - cond)
         text_cond = cond
         weighted = [m for m in matches if m.weight != 1.0]
         if weighted:
@@ -286,15 +292,9 @@ class PortraitBoothConditioning(io.ComfyNode):
                 fused[:, m.position] = _reweight(fused[:, m.position], e, m.weight)
         log.info("FaceBooth PortraitBooth: %s", ", ".join(f"{m.subject!r} at token {m.position}" for m in matches))
 
-        if text_only_fraction <= 0.0:
-            return io.NodeOutput([[fused, dict(extras)]])
-        if text_only_fraction >= 1.0:
-            return io.NodeOutput([[text_cond, dict(extras)]])
-        frac = float(text_only_fraction)
-        return io.NodeOutput([
-            [text_cond, {**extras, "start_percent": 0.0, "end_percent": frac}],
-            [fused, {**extras, "start_percent": frac, "end_percent": 1.0}],
-        ])
+        if strength == 0.0:
+            fused = text_cond
+        return io.NodeOutput(schedule([[fused, dict(extras)]], [[text_cond, dict(extras)]], float(start_at), float(end_at), attn_mask))
 
 
 NODES = [FastComposerLoader, STEALoader, PortraitBoothConditioning]
