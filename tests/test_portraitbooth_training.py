@@ -32,13 +32,14 @@ WORDS = ["a", "photo", "of", "man", "woman", "happy", "sad", "smiling", "in", "p
 # ------------------------------------------------------------------------------------------- losses
 
 
-def test_noise_loss_masks_half_the_samples_by_area():
+def test_noise_loss_masks_half_the_samples_as_fastcomposer():
+    # issue 10: FastComposer's rule (mask times prediction and target, plain mean), no longer area-normalised
     pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     mask = torch.zeros(2, 1, 8, 8)
     mask[:, :, 2:6, 2:6] = 1
     got = L.noise_loss(pred, target, mask, torch.tensor([True, False]))
     err = (pred - target) ** 2
-    masked = (err[0] * mask[0]).sum() / (mask[0].expand(4, 8, 8).sum())
+    masked = (err[0] * mask[0]).mean()  # mask is 0/1: (m*p - m*t)^2 = m*(p - t)^2
     torch.testing.assert_close(got, (masked + err[1].mean()) / 2)
     torch.testing.assert_close(L.noise_loss(pred, target), err.mean())
 
@@ -314,7 +315,7 @@ def test_training_learns_on_tiny_data(tiny_sd, prepared, tmp_path):
 
     def evaluate(run: Path) -> dict[str, float]:
         args = tp.build_parser().parse_args(_args(tiny_sd, prepared, run, 1))
-        tok, te, vae, unet, sched = tp.load_sd(str(tiny_sd), torch.device("cpu"))
+        tok, te, vae, unet, sched = tp.load_diffusers_sd(str(tiny_sd), torch.float32, torch.device("cpu"))
         ldm = load_file(str(run / "unet.safetensors"))
         unet.load_state_dict(convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v.float() for k, v in ldm.items()},
                                                          dict(unet.config)))
@@ -324,7 +325,7 @@ def test_training_learns_on_tiny_data(tiny_sd, prepared, tmp_path):
         with torch.no_grad():
             out = tp.training_losses(batch, stea=load_stea(run / "stea.safetensors"), unet=unet.eval(), vae=vae, text_encoder=te,
                                      captions=tp.CaptionEncoder(tok), backbone=load_arcface(tiny_sd / "arcface.safetensors").backbone,
-                                     scheduler=sched, probe=probe, args=args, device=torch.device("cpu"), gen=g,
+                                     scheduler=sched, probe=probe, args=args, device=torch.device("cpu"),
                                      fixed_noise=noise, fixed_timesteps=t, fixed_modes=modes)
         return {k: float(v) for k, v in out.items()}
 
@@ -349,7 +350,8 @@ def test_every_loss_term_pulls_its_way(tiny_sd, prepared):
     from facebooth.training import train_portraitbooth as tp
 
     args = tp.build_parser().parse_args(_args(tiny_sd, prepared, Path("unused"), 1, "--lambda-loc", "1", "--mu-loc", "1"))
-    tok, te, vae, unet, sched = tp.load_sd(str(tiny_sd), torch.device("cpu"))
+    tok, te, vae, unet, sched = tp.load_diffusers_sd(str(tiny_sd), torch.float32, torch.device("cpu"))
+    unet.train().requires_grad_(True)  # trained below
     probe = tp.AttentionProbe()
     tp.install_probe(unet, probe, "all")
     torch.manual_seed(0)
@@ -363,7 +365,7 @@ def test_every_loss_term_pulls_its_way(tiny_sd, prepared):
     for _ in range(6):
         out = tp.training_losses(batch, stea=stea, unet=unet, vae=vae, text_encoder=te, captions=tp.CaptionEncoder(tok),
                                  backbone=backbone, scheduler=sched, probe=probe, args=args, device=torch.device("cpu"),
-                                 gen=g, fixed_noise=noise, fixed_timesteps=t, fixed_modes=modes)
+                                 fixed_noise=noise, fixed_timesteps=t, fixed_modes=modes)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

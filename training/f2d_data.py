@@ -26,7 +26,6 @@ from ..pipelines.face2diffusion.expression import EXPRESSION_DIM
 # Shared run scaffolding, re-exported for the scripts and tests that import it from here.
 from .run_state import (  # noqa: F401
     StepBatches,
-    lr_at,
     checkpoint_dir,
     latest_checkpoint,
     resolve_resume,

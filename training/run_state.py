@@ -1,15 +1,15 @@
-"""Run scaffolding every training script shares: deterministic step batches, LR schedule, resumable
-safetensors-only run state (weights, optimizer tensors, RNG), the JSONL loss log, and loading a frozen
-diffusers SD folder. Method-specific datasets live in their own modules."""
+"""Run scaffolding every training script shares: deterministic step batches, the LR schedule (diffusers'),
+resumable safetensors-only run state (weights, optimizer tensors, RNG, world size and batch), the JSONL loss log,
+and loading a frozen diffusers SD folder. Method-specific datasets live in their own modules."""
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -37,7 +37,11 @@ def load_diffusers_sd(path: str, dtype: torch.dtype, device: torch.device):
 
 
 class StepBatches:
-    """Deterministic batches: step -> (indices, flips) for this process, from a per-epoch permutation."""
+    """Deterministic batches: step -> (indices, flips) for this process, from a per-epoch permutation.
+
+    The global batch of a step is ``batch_size * world`` samples; process ``rank`` takes positions
+    ``rank * batch_size ...`` of it (:attr:`positions`), so any split of the same global batch sees the same data.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, flip: bool = True, rank: int = 0, world: int = 1):
         global_batch = batch_size * world
@@ -47,6 +51,11 @@ class StepBatches:
             )
         self.n, self.batch_size, self.seed, self.flip, self.rank, self.world = n, batch_size, seed, flip, rank, world
         self.per_epoch = n // global_batch  # drop the last partial batch
+
+    @property
+    def positions(self) -> list[int]:
+        """This process's positions in the global batch (the per-sample random draws are keyed by them)."""
+        return list(range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size))
 
     def __call__(self, step: int) -> tuple[list[int], list[bool]]:
         epoch, k = divmod(step, self.per_epoch)
@@ -58,14 +67,26 @@ class StepBatches:
         return chunk.tolist(), [bool(flips[i]) and self.flip for i in chunk.tolist()]
 
 
-def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup, then constant or cosine to zero. A pure function of step, so resume needs no scheduler state."""
-    if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
-    if schedule == "cosine":
-        span = max(1, total - warmup)
-        return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-    return base_lr
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int, base_lrs: Sequence[float]):
+    """diffusers' LR schedule (``constant`` / ``cosine``, with linear warmup when ``warmup`` > 0) over ``base_lrs``.
+
+    It is stepped once per optimizer step, never through ``accelerator.prepare`` (which steps it once per process).
+    """
+    from diffusers.optimization import get_scheduler
+
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = group["initial_lr"] = float(base)  # the command line's rates, also on resume
+    name = {"constant": "constant_with_warmup" if warmup > 0 else "constant", "cosine": "cosine"}[schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def schedule_at(scheduler, step: int) -> None:
+    """Put ``scheduler`` (a LambdaLR) at ``step``: the schedule is a pure function of the step, so resume needs no state."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 # --- run state ------------------------------------------------------------------------------------------------
@@ -132,10 +153,14 @@ def save_run_state(
     scaler: Any = None,
     extra: Optional[dict] = None,
     keep: int = 2,
+    world: int = 1,
+    barrier: Optional[Callable[[], None]] = None,
 ) -> None:
     """Write ``folder`` (weights + optimizer from the main process, RNG per process) and prune old checkpoints.
 
-    ``state.json`` is written last: a folder without it is an interrupted save and is ignored by ``--resume latest``.
+    Every process calls this. ``state.json`` is written last, by the main process, after ``barrier`` (all processes)
+    and once the ``world`` RNG files are visible: a folder without it is an interrupted save, ignored by
+    ``--resume latest``. ``extra`` should carry ``world_size`` and ``batch_size`` (see :func:`keep_global_batch`).
     """
     folder.mkdir(parents=True, exist_ok=True)
     rng = {"rng.torch": torch.get_rng_state()}
@@ -143,8 +168,11 @@ def save_run_state(
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"rng.cuda.{i}"] = s
     atomic_save_safetensors(rng, folder / f"rng_{rank}.safetensors")
+    if barrier is not None:
+        barrier()
     if not is_main:
         return
+    _wait_for_rng_files(folder, world)
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     opt_tensors, opt_info = _optimizer_to_flat(optimizer.state_dict())
     tensors.update(opt_tensors)
@@ -158,6 +186,49 @@ def save_run_state(
     )
     for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _wait_for_rng_files(folder: Path, world: int, timeout_s: float = 60.0) -> None:
+    """The other processes' RNG files may show up late on a network file system; a node-local output folder never
+    gets them (resume then re-seeds those processes: every draw is per sample, so the trajectory is the same)."""
+    deadline = time.monotonic() + timeout_s
+    missing = [r for r in range(world) if not (folder / f"rng_{r}.safetensors").is_file()]
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.2)
+        missing = [r for r in missing if not (folder / f"rng_{r}.safetensors").is_file()]
+    if missing:
+        log.warning("%s: no RNG file from process(es) %s after %.0f s; is --output-dir on storage all nodes share?",
+                    folder, missing, timeout_s)
+
+
+def read_run_info(folder: Path) -> dict:
+    """The ``state.json`` of a complete checkpoint."""
+    return json.loads((Path(folder) / "state.json").read_text())
+
+
+def keep_global_batch(info: Optional[dict], batch_size: int, world: int, accumulation: int = 1) -> int:
+    """The per-process batch for a run resuming from a checkpoint with ``info``: the one that keeps the checkpoint's
+    global batch (per-process batch x processes) on ``world`` processes. Refuses (SystemExit) when it cannot."""
+    if not info or "world_size" not in info or "batch_size" not in info:
+        return batch_size
+    was_world, was_batch = int(info["world_size"]), int(info["batch_size"])
+    was_accum = int(info.get("gradient_accumulation_steps", 1))
+    if was_accum != accumulation:
+        raise SystemExit(f"The checkpoint was trained with --gradient-accumulation-steps {was_accum}; resume with the same "
+                         f"value (got {accumulation}), or start a new run.")
+    global_batch = was_batch * was_world
+    if batch_size * world == global_batch:
+        return batch_size
+    if global_batch % world:
+        raise SystemExit(
+            f"The checkpoint was trained with a global batch of {global_batch} ({was_batch} per process x {was_world} "
+            f"processes); {world} processes cannot keep it. Resume on a process count that divides {global_batch}, "
+            f"or start a new run (e.g. from the exported weights) to change the batch."
+        )
+    kept = global_batch // world
+    log.warning("Resuming on %d process(es): per-process batch %d (not %d) keeps the checkpoint's global batch of %d.",
+                world, kept, batch_size, global_batch)
+    return kept
 
 
 def load_run_state(
@@ -188,8 +259,8 @@ def load_run_state(
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("rng.cuda."))]
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda)
-    else:
-        log.warning("%s has no RNG state for process %d; randomness after resume will differ.", folder, rank)
+    else:  # a resume on more processes than the checkpoint had; the training draws are per sample anyway
+        log.info("%s has no RNG state for process %d; it keeps its seed (every training draw is per sample).", folder, rank)
     return info
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,20 +29,10 @@ from ..pipelines.face2diffusion.expression import TRAIN_EXPRESSION_DROPOUT, expr
 from ..pipelines.face2diffusion.injection import DEFAULT_PLACEHOLDER, IdentityTokens, encode_with_identities, find_identity_slots, placeholder_token_id
 from ..pipelines.face2diffusion.loading import load_mapping, load_msid, save_mapping
 from ..pipelines.face2diffusion.mapping import F2DMapping, F2DMappingConfig
-from .f2d_data import (
-    FaceMappingDataset,
-)
-from .run_state import (
-    append_log,
-    checkpoint_dir,
-    load_diffusers_sd,
-    load_run_state,
-    lr_at,
-    resolve_resume,
-    save_run_state,
-    StepBatches,
-    truncate_log,
-)
+from .distributed import RandomSlot, SampleRandom, per_sample_dropout
+from .f2d_data import FaceMappingDataset
+from .loop import TrainingRun
+from .run_state import load_diffusers_sd
 
 log = logging.getLogger("FaceBooth")
 
@@ -108,14 +97,8 @@ def _prompt_ids(tokenizer, prompt: str, length: int = 77) -> torch.Tensor:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from accelerate import Accelerator
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed + accelerator.process_index)
-    device = accelerator.device
+    run = TrainingRun(args, "F2D mapping training", args.gradient_accumulation_steps)
+    device = run.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_diffusers_sd(args.pretrained_model, weight_dtype, device)
@@ -135,6 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             id_dim=msid.feature_dim, hidden_dim=args.mapping_hidden or msid.feature_dim, out_dim=text_width, dropout=args.dropout,
         ))
     mapping.train()
+    slot = RandomSlot()  # the mapping's dropout masks are drawn per sample (same on any number of processes)
+    per_sample_dropout(mapping, slot)
 
     pid = placeholder_token_id(tokenizer, args.placeholder)
     window = text_encoder.config.max_position_embeddings
@@ -147,73 +132,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     data = FaceMappingDataset(args.data_dir, args.crop_dir, resolution=args.resolution, mask_dir=args.mask_dir,
                               expression_dir=args.expression_dir, crop_size=msid.config.img_size)
-    batches = StepBatches(len(data), args.batch_size, args.seed, flip=not args.no_flip,
-                          rank=accelerator.process_index, world=accelerator.num_processes)
+    run.step_batches(len(data))
     optimizer = torch.optim.AdamW(mapping.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-
-    step = 0
-    resume_from = resolve_resume(out, args.resume)
-    if resume_from is not None:
-        info = load_run_state(resume_from, {"mapping": mapping}, optimizer, rank=accelerator.process_index, scaler=accelerator.scaler)
-        step = int(info["step"])
-        if accelerator.is_main_process:
-            truncate_log(out, step)
-        log.info("Resumed from %s at step %d.", resume_from, step)
-    mapping, optimizer = accelerator.prepare(mapping, optimizer)
+    run.restore({"mapping": mapping}, optimizer)
+    scheduler = run.scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.max_steps, [args.lr])
+    mapping, optimizer = run.accelerator.prepare(mapping, optimizer)
     prediction = noise_scheduler.config.prediction_type
     if prediction not in ("epsilon", "v_prediction"):
         raise ValueError(f"Unsupported prediction type {prediction!r}; Face2Diffusion targets SD1.x (epsilon).")
     scaling = getattr(vae.config, "scaling_factor", 0.18215)
+    unwrap = run.accelerator.unwrap_model
+
+    def compute(indices, flips, rng: SampleRandom) -> dict:
+        slot.current = rng
+        try:
+            loss = _cgdr_step(data.batch(indices, flips), mapping, msid, vae, unet, text_encoder, noise_scheduler, ids,
+                              class_cond, pid, args.exp_dropout, scaling, prediction, device, weight_dtype, run.accelerator,
+                              rng)
+        finally:
+            slot.current = None
+        return {"loss": loss}
+
+    def write_outputs(at: int) -> None:
+        save_mapping(unwrap(mapping), run.out / "mapping.safetensors",
+                     {"trained_steps": at, "prompt": args.prompt, "class_prompt": args.class_prompt})
 
     def save(at: int) -> None:
-        accelerator.wait_for_everyone()
-        unwrapped = accelerator.unwrap_model(mapping)
-        save_run_state(checkpoint_dir(out, at), at, {"mapping": unwrapped}, optimizer, rank=accelerator.process_index,
-                       is_main=accelerator.is_main_process, scaler=accelerator.scaler, keep=args.keep_checkpoints)
-        if accelerator.is_main_process:
-            save_mapping(unwrapped, out / "mapping.safetensors", {"trained_steps": at, "prompt": args.prompt, "class_prompt": args.class_prompt})
+        run.save(at, {"mapping": unwrap(mapping)}, optimizer, write_outputs)
 
     log.info("F2D mapping training: %d images, to step %d.", len(data), args.max_steps)
-    t0 = time.perf_counter()
-    while step < args.max_steps:
-        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        loss_sum = 0.0
-        # one optimizer step = gradient_accumulation_steps micro-batches (micro-batch index from the step)
-        for micro in range(args.gradient_accumulation_steps):
-            indices, flips = batches(step * args.gradient_accumulation_steps + micro)
-            batch = data.batch(indices, flips)
-            with accelerator.accumulate(mapping):
-                loss = _cgdr_step(batch, mapping, msid, vae, unet, text_encoder, noise_scheduler, ids, class_cond,
-                                  pid, args.exp_dropout, scaling, prediction, device, weight_dtype, accelerator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(mapping.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += float(loss.detach())
-        step += 1
-        if accelerator.is_main_process and (step % args.log_every == 0 or step == args.max_steps):
-            append_log(out, {"step": step, "loss": loss_sum / args.gradient_accumulation_steps, "lr": lr})
-        if step % args.save_every == 0 or step == args.max_steps:
-            save(step)
-    log.info("Mapping training done: step %d in %.1fs, weights in %s", step, time.perf_counter() - t0, out / "mapping.safetensors")
-    accelerator.end_training()
-    return 0
+    return run.train(max_steps=args.max_steps, compute=compute, models=(mapping,), optimizer=optimizer,
+                     scheduler=scheduler, clip_params=list(mapping.parameters()), save=save,
+                     hint="lower --lr or use --mixed-precision no.")
 
 
 def _cgdr_step(batch, mapping, msid, vae, unet, text_encoder, noise_scheduler, ids, class_cond, pid, exp_dropout,
-               scaling, prediction, device, weight_dtype, accelerator) -> torch.Tensor:
+               scaling, prediction, device, weight_dtype, accelerator, rng: Optional[SampleRandom] = None) -> torch.Tensor:
+    """Eq. 7 on one batch. ``rng``: per-sample draws (VAE sample, noise, timestep, expression dropout); None draws
+    from the global torch RNG (evaluation)."""
     pixels = batch["pixel_values"].to(device=device, dtype=weight_dtype)
     bsz = pixels.shape[0]
     with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.sample() * scaling
+        dist = vae.encode(pixels).latent_dist
+        latents = (dist.sample(rng.generators("vae")) if rng is not None else dist.sample()) * scaling
         id_vec = msid(batch["id_pixels"].to(device=device, dtype=weight_dtype)).float()
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device).long()
+    t_max = noise_scheduler.config.num_train_timesteps
+    if rng is not None:
+        noise = rng.randn("noise", latents.shape[1:]).to(device=device, dtype=latents.dtype)
+        timesteps = rng.randint("timestep", t_max).to(device)
+        keep = rng.rand("expression") >= exp_dropout  # eq. 4, per sample
+        exp_mask = (keep.to(device) & batch["has_expression"].to(device).bool()).float()
+    else:
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, t_max, (bsz,), device=device).long()
+        exp_mask = expression_dropout_mask(batch["has_expression"].to(device), exp_dropout)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    exp_mask = expression_dropout_mask(batch["has_expression"].to(device), exp_dropout)
     with accelerator.autocast():
         tokens = mapping(id_vec, batch["expression"].to(device), exp_mask)  # (B, 2, D)
         cond = encode_with_identities(text_encoder, ids.expand(bsz, -1), [IdentityTokens(pid, tokens.to(weight_dtype))])[0]

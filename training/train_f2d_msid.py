@@ -19,7 +19,6 @@ import argparse
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,19 +28,9 @@ from torch import nn
 
 from ..pipelines.face2diffusion.loading import load_msid, save_msid
 from ..pipelines.face2diffusion.msid import MSIDConfig, MSIDEncoder, level_slices
-from .f2d_data import (
-    IdentityFolderDataset,
-)
-from .run_state import (
-    append_log,
-    checkpoint_dir,
-    load_run_state,
-    lr_at,
-    resolve_resume,
-    save_run_state,
-    StepBatches,
-    truncate_log,
-)
+from .distributed import sync_batchnorm
+from .f2d_data import IdentityFolderDataset
+from .loop import TrainingRun
 
 log = logging.getLogger("FaceBooth")
 
@@ -125,14 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from accelerate import Accelerator
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed + accelerator.process_index)
-
+    run = TrainingRun(args, "MSID pretraining")
     if args.init:
         model = load_msid(args.init).train()
         cfg = model.config
@@ -144,8 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = MSIDEncoder(cfg)
     data = IdentityFolderDataset(args.data_dir, image_size=cfg.img_size)
     heads = MultiScaleArcFace(cfg, data.num_classes, args.scale, args.margin, args.level_heads)
-    batches = StepBatches(len(data), args.batch_size, args.seed, flip=not args.no_flip,
-                          rank=accelerator.process_index, world=accelerator.num_processes)
+    batches = run.step_batches(len(data))
     max_steps = args.max_steps or args.epochs * batches.per_epoch
     # The final `norm` (and any block after the last feature block) is not on the feature path: freeze it, so it
     # stays as loaded and DDP sees no parameters without gradients.
@@ -155,57 +136,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-
-    step = 0
-    resume_from = resolve_resume(out, args.resume)
-    if resume_from is not None:
-        info = load_run_state(resume_from, {"model": model, "heads": heads}, optimizer, rank=accelerator.process_index,
-                              scaler=accelerator.scaler)
-        step = int(info["step"])
-        if accelerator.is_main_process:
-            truncate_log(out, step)
-        log.info("Resumed from %s at step %d.", resume_from, step)
-    model, heads, optimizer = accelerator.prepare(model, heads, optimizer)
+    run.restore({"model": model, "heads": heads}, optimizer)
+    scheduler = run.scheduler(optimizer, args.lr_schedule, args.warmup_steps, max_steps, [args.lr])
+    # The level BatchNorms normalise over the global batch on any number of processes (same model as 1 process).
+    model = sync_batchnorm(model, run.device.type)
+    model, heads, optimizer = run.accelerator.prepare(model, heads, optimizer)
     model.train()
     heads.train()
-    log.info("MSID pretraining: %d images, %d identities, %d steps/epoch, to step %d.", len(data), data.num_classes, batches.per_epoch, max_steps)
+    log.info("MSID pretraining: %d images, %d identities, %d steps/epoch, to step %d.", len(data), data.num_classes,
+             batches.per_epoch, max_steps)
+    unwrap = run.accelerator.unwrap_model
+
+    def compute(indices, flips, rng) -> dict:
+        batch = data.batch(indices, flips)
+        with run.accelerator.autocast():
+            v_id = model(batch["pixels"].to(run.device))
+            loss, parts = heads(v_id, batch["labels"].to(run.device))
+        return {"loss": loss, **parts}
+
+    def write_outputs(at: int) -> None:
+        save_msid(unwrap(model), run.out / "msid.safetensors", {"trained_steps": at, "num_identities": data.num_classes})
 
     def save(at: int) -> None:
-        accelerator.wait_for_everyone()
-        save_run_state(checkpoint_dir(out, at), at, {"model": accelerator.unwrap_model(model), "heads": accelerator.unwrap_model(heads)},
-                       optimizer, rank=accelerator.process_index, is_main=accelerator.is_main_process,
-                       scaler=accelerator.scaler, keep=args.keep_checkpoints,
-                       extra={"num_classes": data.num_classes, "identities": data.identities[:1000]})
-        if accelerator.is_main_process:
-            save_msid(accelerator.unwrap_model(model), out / "msid.safetensors", {"trained_steps": at, "num_identities": data.num_classes})
+        run.save(at, {"model": unwrap(model), "heads": unwrap(heads)}, optimizer, write_outputs,
+                 {"num_classes": data.num_classes, "identities": data.identities[:1000]})
 
-    t0 = time.perf_counter()
-    while step < max_steps:
-        indices, flips = batches(step)
-        batch = data.batch(indices, flips)
-        lr = lr_at(step, args.lr, args.warmup_steps, max_steps, args.lr_schedule)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        pixels = batch["pixels"].to(accelerator.device)
-        labels = batch["labels"].to(accelerator.device)
-        with accelerator.autocast():
-            v_id = model(pixels)
-            loss, parts = heads(v_id, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"MSID loss became {loss.item()} at step {step}; lower --lr or use --mixed-precision no.")
-        accelerator.backward(loss)
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if accelerator.is_main_process and (step % args.log_every == 0 or step == max_steps):
-            append_log(out, {"step": step, "loss": float(loss.detach()), "lr": lr, **parts})
-        if step % args.save_every == 0 or step == max_steps:
-            save(step)
-    log.info("MSID pretraining done: step %d in %.1fs, weights in %s", step, time.perf_counter() - t0, out / "msid.safetensors")
-    accelerator.end_training()
-    return 0
+    return run.train(max_steps=max_steps, compute=compute, models=(model, heads), optimizer=optimizer,
+                     scheduler=scheduler, clip_params=params, save=save,
+                     hint="lower --lr or use --mixed-precision no.")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,8 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,17 +55,9 @@ from ..pipelines.instantbooth import (
 )
 from ..pipelines.instantbooth.prompt import DEFAULT_IDENTIFIER, PERSON_NOUNS
 from ..utils.files import sanitize_name
-from .run_state import (
-    append_log,
-    checkpoint_dir,
-    load_diffusers_sd,
-    load_run_state,
-    lr_at,
-    resolve_resume,
-    save_run_state,
-    StepBatches,
-    truncate_log,
-)
+from .distributed import SampleRandom
+from .loop import TrainingRun
+from .run_state import load_diffusers_sd
 
 log = logging.getLogger("FaceBooth")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -145,8 +136,10 @@ class InstantBoothDataset:
             crop = augment_reference(crop, cmask, generator, self.augment)
         return {"pixel_values": target, "reference": crop, "prompt": self.prompts[index]}
 
-    def batch(self, indices: Iterable[int], flips: Iterable[bool], generator: Optional[torch.Generator]) -> dict:
-        items = [self.get(i, f, generator) for i, f in zip(indices, flips)]
+    def batch(self, indices: Sequence[int], flips: Sequence[bool], generators: Optional[Sequence[torch.Generator]]) -> dict:
+        """``generators``: one per sample for the reference augmentation (None: no augmentation)."""
+        gens = list(generators) if generators is not None else [None] * len(indices)
+        items = [self.get(i, f, g) for i, f, g in zip(indices, flips, gens)]
         return {
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),
             "reference": torch.stack([it["reference"] for it in items]),
@@ -280,16 +273,16 @@ class _Step:
         self.clip_size = clip_vision.config.image_size
 
     @torch.no_grad()
-    def inputs(self, batch: dict, generator: Optional[torch.Generator] = None) -> dict:
+    def inputs(self, batch: dict, rng: SampleRandom) -> dict:
+        """Per-sample draws from ``rng`` (VAE sample, noise, timestep): the same on any number of processes."""
         dev, dt = self.device, self.dtype
-        latents = self.vae.encode(batch["pixel_values"].to(dev, dt)).latent_dist.sample(generator) * self.scaling
+        latents = self.vae.encode(batch["pixel_values"].to(dev, dt)).latent_dist.sample(rng.generators("vae")) * self.scaling
         pixels = clip_preprocess(batch["reference"], self.clip_size).to(dev, dt)
         out = self.clip_vision(pixel_values=pixels)
         ids, rows = _ids_and_rows(self.tokenizer, batch["prompts"], self.identifier_id, self.window)
         text = self.text_encoder(input_ids=ids.to(dev))[0]
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, device="cpu").to(dev, latents.dtype)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator).to(dev)
+        noise = rng.randn("noise", latents.shape[1:]).to(dev, latents.dtype)
+        timesteps = rng.randint("timestep", self.scheduler.config.num_train_timesteps).to(dev)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         pred = self.scheduler.config.prediction_type
         target = noise if pred == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
@@ -299,15 +292,9 @@ class _Step:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from accelerate import Accelerator
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    out_file = out / f"{sanitize_name(args.output_name, what='output name')}.safetensors"
-    torch.manual_seed(args.seed + accelerator.process_index)
-    device = accelerator.device
+    run = TrainingRun(args, "InstantBooth training", args.gradient_accumulation_steps)
+    out_file = run.out / f"{sanitize_name(args.output_name, what='output name')}.safetensors"
+    device = run.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
 
     tokenizer, text_encoder, vae, unet, scheduler = load_diffusers_sd(args.pretrained_model, dtype, device)
@@ -334,21 +321,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     data = InstantBoothDataset(args.data_dir, args.mask_dir, args.resolution, clip_vision.config.image_size,
                                ib.config.identifier, ib.config.class_nouns, args.default_caption)
-    batches = StepBatches(len(data), args.batch_size, args.seed, flip=not args.no_flip,
-                          rank=accelerator.process_index, world=accelerator.num_processes)
-    groups = [{"params": ib.adapter_parameters(), "lr": args.lr_adapter, "base_lr": args.lr_adapter},
-              {"params": ib.head_parameters(), "lr": args.lr_heads, "base_lr": args.lr_heads}]
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-
-    step = 0
-    resume_from = resolve_resume(out, args.resume)
-    if resume_from is not None:
-        info = load_run_state(resume_from, {"instantbooth": ib}, optimizer, rank=accelerator.process_index, scaler=accelerator.scaler)
-        step = int(info["step"])
-        if accelerator.is_main_process:
-            truncate_log(out, step)
-        log.info("Resumed from %s at step %d.", resume_from, step)
-    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    run.step_batches(len(data))
+    groups = [{"params": ib.adapter_parameters()}, {"params": ib.head_parameters()}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr_heads, weight_decay=args.weight_decay)
+    run.restore({"instantbooth": ib}, optimizer)
+    lr_scheduler = run.scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.max_steps, [args.lr_adapter, args.lr_heads])
+    denoiser, optimizer = run.accelerator.prepare(denoiser, optimizer)
+    plain = run.accelerator.unwrap_model(denoiser)
 
     eval_batch = None
     if args.eval_every > 0:
@@ -356,65 +335,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         eval_batch = data.batch(range(n), [False] * n, None)
 
     def evaluate() -> float:
-        g = torch.Generator().manual_seed(12345)
-        inputs = step_inputs.inputs(eval_batch, g)
+        """Main process only: the unwrapped model (a DDP forward on one process would wait for the others)."""
+        inputs = step_inputs.inputs(eval_batch, SampleRandom(12345, 0, range(len(eval_batch["prompts"]))))
         target = inputs.pop("target")
-        denoiser.eval()
-        with torch.no_grad(), accelerator.autocast():
-            pred = denoiser(**inputs)
-        denoiser.train()
+        plain.eval()
+        with torch.no_grad(), run.accelerator.autocast():
+            pred = plain(**inputs)
+        plain.train()
         return float(F.mse_loss(pred.float(), target.float()))
 
+    def compute(indices, flips, rng: SampleRandom) -> dict:
+        batch = data.batch(indices, flips, None if args.no_augment else rng.generators("augment"))
+        inputs = step_inputs.inputs(batch, rng)
+        target = inputs.pop("target")
+        with run.accelerator.autocast():
+            pred = denoiser(**inputs)
+        return {"loss": F.mse_loss(pred.float(), target.float())}
+
+    def write_outputs(at: int) -> None:
+        save_instantbooth(plain.ib, out_file, {"trained_steps": at, "lr_adapter": args.lr_adapter, "lr_heads": args.lr_heads})
+
     def save(at: int) -> None:
-        accelerator.wait_for_everyone()
-        model = accelerator.unwrap_model(denoiser).ib
-        save_run_state(checkpoint_dir(out, at), at, {"instantbooth": model}, optimizer, rank=accelerator.process_index,
-                       is_main=accelerator.is_main_process, scaler=accelerator.scaler, keep=args.keep_checkpoints)
-        if accelerator.is_main_process:
-            save_instantbooth(model, out_file, {"trained_steps": at, "lr_adapter": args.lr_adapter, "lr_heads": args.lr_heads})
+        run.save(at, {"instantbooth": plain.ib}, optimizer, write_outputs)
 
     log.info("InstantBooth training: %d images, %d adapters, to step %d.", len(data), len(ib.config.adapters), args.max_steps)
-    if eval_batch is not None and step == 0 and accelerator.is_main_process:
-        append_log(out, {"step": 0, "eval_loss": evaluate()})
-    t0 = time.perf_counter()
-    while step < args.max_steps:
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, g["base_lr"], args.warmup_steps, args.max_steps, args.lr_schedule)
-        loss_sum = 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            k = step * args.gradient_accumulation_steps + micro
-            indices, flips = batches(k)
-            gen = torch.Generator().manual_seed((args.seed * 1_000_003 + k) * 64 + accelerator.process_index)
-            batch = data.batch(indices, flips, None if args.no_augment else gen)
-            inputs = step_inputs.inputs(batch, gen)
-            target = inputs.pop("target")
-            with accelerator.accumulate(denoiser):
-                with accelerator.autocast():
-                    pred = denoiser(**inputs)
-                loss = F.mse_loss(pred.float(), target.float())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"InstantBooth loss became {loss.item()} at step {step}; lower the learning rates or use --mixed-precision no.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(ib.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += float(loss.detach())
-        step += 1
-        if accelerator.is_main_process:
-            record = None
-            if step % args.log_every == 0 or step == args.max_steps:
-                record = {"step": step, "loss": loss_sum / args.gradient_accumulation_steps,
-                          "lr_adapter": optimizer.param_groups[0]["lr"], "lr_heads": optimizer.param_groups[1]["lr"]}
-            if eval_batch is not None and (step % args.eval_every == 0 or step == args.max_steps):
-                record = {**(record or {"step": step}), "eval_loss": evaluate()}
-            if record is not None:
-                append_log(out, record)
-        if step % args.save_every == 0 or step == args.max_steps:
-            save(step)
-    log.info("InstantBooth training done: step %d in %.1fs, weights in %s", step, time.perf_counter() - t0, out_file)
-    accelerator.end_training()
-    return 0
+    return run.train(max_steps=args.max_steps, compute=compute, models=(denoiser,), optimizer=optimizer,
+                     scheduler=lr_scheduler, clip_params=list(ib.parameters()), save=save,
+                     lr_keys=("lr_adapter", "lr_heads"), evaluate=evaluate if eval_batch is not None else None,
+                     eval_every=args.eval_every, hint="lower the learning rates or use --mixed-precision no.")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,17 +59,10 @@ from ..pipelines.portraitbooth.stea import (
 )
 from ..pipelines.portraitbooth.token_positions import SubjectWordError, find_subject_positions
 from ..utils.files import atomic_save_safetensors
-from .run_state import (
-    append_log,
-    checkpoint_dir,
-    load_run_state,
-    lr_at,
-    resolve_resume,
-    save_run_state,
-    StepBatches,
-    truncate_log,
-)
+from .distributed import SampleRandom
+from .loop import TrainingRun
 from .portraitbooth_data import PortraitBoothDataset
+from .run_state import load_diffusers_sd
 
 log = logging.getLogger("FaceBooth")
 
@@ -176,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, help="a folder prepared by facebooth.training.portraitbooth_data")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--arcface-layers", nargs="+", default=list(DEFAULT_ARCFACE_LAYERS), choices=list(ARCFACE_LAYERS),
-                   help="recognizer layers that feed the STEA (shallow layer1-4 pooled and/or the deep embedding)")
+                   help="recognizer layers that feed the STEA (shallow layer1-4 pooled and/or the deep embedding); default "
+                   "shallow only, as the paper; 'layer3 embedding' adds the deep identity embedding (see pipelines/portraitbooth/stea.py)")
     p.add_argument("--init-stea", default=None, help="continue from this STEA file")
     p.add_argument("--freeze-unet", action="store_true", help="train the STEA MLP only")
     p.add_argument("--resolution", type=int, default=None, help="training size (default: the prepared size)")
@@ -209,21 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_sd(path: str, device: torch.device):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    root = Path(path)
-    if not (root / "unet").is_dir():
-        raise FileNotFoundError(f"{root} is not a diffusers model folder (no unet/). Convert the checkpoint to diffusers format first.")
-    tokenizer = CLIPTokenizer.from_pretrained(str(root), subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(str(root), subfolder="text_encoder").to(device).eval().requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae").to(device).eval().requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet").to(device)
-    scheduler = DDPMScheduler.from_pretrained(str(root), subfolder="scheduler")
-    return tokenizer, text_encoder, vae, unet, scheduler
-
-
 class CaptionEncoder:
     """Tokenizes captions (77 tokens) and finds the identity / expression word slots with the same rule as the nodes."""
 
@@ -253,8 +231,8 @@ class CaptionEncoder:
         return m.position
 
 
-def _sample_modes(batch: int, gen: torch.Generator, uncond_prob: float, text_only_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
-    r = torch.rand(batch, generator=gen)
+def _sample_modes(r: torch.Tensor, uncond_prob: float, text_only_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample uniform draws ``r`` (B,) -> (unconditional, text-only) flags."""
     uncond = r < uncond_prob
     text_only = (r >= uncond_prob) & (r < uncond_prob + text_only_prob)
     return uncond, text_only
@@ -266,28 +244,45 @@ def _sample_modes(batch: int, gen: torch.Generator, uncond_prob: float, text_onl
 
 
 def training_losses(batch: dict[str, Any], *, stea: STEAModel, unet, vae, text_encoder, captions: CaptionEncoder,
-                    backbone, scheduler, probe: AttentionProbe, args, device: torch.device, gen: torch.Generator,
-                    fixed_noise: Optional[torch.Tensor] = None, fixed_timesteps: Optional[torch.Tensor] = None,
+                    backbone, scheduler, probe: AttentionProbe, args, device: torch.device,
+                    rng: Optional[SampleRandom] = None, global_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    world: int = 1, fixed_noise: Optional[torch.Tensor] = None, fixed_timesteps: Optional[torch.Tensor] = None,
                     fixed_modes: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """All PortraitBooth losses for one batch. ``fixed_*`` pin the randomness (evaluation in tests)."""
+    """All PortraitBooth losses for one batch.
+
+    ``rng``: the per-sample draws (VAE sample, noise, timestep, sample modes); None draws from the global torch RNG.
+    ``fixed_*`` pin the randomness (evaluation in tests). ``global_sum`` (sum over processes) and ``world``: the
+    localisation and identity losses are means over the *global* batch's active samples, so each process returns
+    ``world * (its sum) / (global count)``; averaged over processes (DDP, the log) that is the global mean.
+    """
     pixels = batch["pixel_values"].to(device)
     b = pixels.shape[0]
     scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
     with torch.no_grad():
         dist = vae.encode(pixels).latent_dist
-        latents = (dist.mode() if fixed_noise is not None else dist.sample()) * scaling
+        if fixed_noise is not None:
+            latents = dist.mode() * scaling
+        else:
+            latents = (dist.sample(rng.generators("vae")) if rng is not None else dist.sample()) * scaling
         ref = batch["ref"].to(device)
         feats = arcface_features(backbone, ref, stea.config.arcface_layers)
         ref_emb = F.normalize(arcface_features(backbone, ref, ("embedding",)), dim=-1)
-    noise = fixed_noise.to(device) if fixed_noise is not None else torch.randn(latents.shape, generator=gen).to(device)
-    t = fixed_timesteps.to(device) if fixed_timesteps is not None else \
-        torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
+    t_max = scheduler.config.num_train_timesteps
+    if fixed_noise is not None:
+        noise = fixed_noise.to(device)
+    else:
+        noise = (rng.randn("noise", latents.shape[1:]) if rng is not None else torch.randn(latents.shape)).to(device, latents.dtype)
+    if fixed_timesteps is not None:
+        t = fixed_timesteps.to(device)
+    else:
+        t = (rng.randint("timestep", t_max) if rng is not None else torch.randint(0, t_max, (b,))).to(device)
     noisy = scheduler.add_noise(latents, noise, t)
     if fixed_modes is not None:
         uncond, text_only, use_mask = fixed_modes
     else:
-        uncond, text_only = _sample_modes(b, gen, args.uncond_prob, args.text_only_prob)
-        use_mask = torch.rand(b, generator=gen) < args.mask_prob
+        uncond, text_only = _sample_modes(rng.rand("mode") if rng is not None else torch.rand(b),
+                                          args.uncond_prob, args.text_only_prob)
+        use_mask = (rng.rand("mask") if rng is not None else torch.rand(b)) < args.mask_prob
 
     texts = ["" if u else c for u, c in zip(uncond.tolist(), batch["caption"])]
     ids = captions.ids(texts)
@@ -312,6 +307,15 @@ def training_losses(batch: dict[str, Any], *, stea: STEAModel, unet, vae, text_e
     ) if probe.maps else pred.sum() * 0.0
     probe.reset(None, (0, 0))
 
+    def global_mean(local_mean: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
+        """A mean over this process's active samples -> its share of the mean over all processes' active samples."""
+        if global_sum is None:
+            return local_mean
+        total = float(global_sum(local_count.float()))
+        return local_mean * (world * float(local_count) / total) if total > 0 else local_mean * 0.0
+
+    l_loc = global_mean(l_loc, fused.sum())
+
     dip_active = fused.to(device) & (t <= args.rt)
     if bool(dip_active.any()):
         idx = torch.nonzero(dip_active).flatten()
@@ -323,6 +327,7 @@ def training_losses(batch: dict[str, Any], *, stea: STEAModel, unet, vae, text_e
         l_id = dip_identity_loss(decoded, mats, backbone, ref_emb[idx], torch.ones(len(idx), dtype=torch.bool, device=device))
     else:
         l_id = pred.sum() * 0.0
+    l_id = global_mean(l_id, dip_active.sum())
     total = l_noise + l_loc + args.id_weight * l_id
     return {"loss": total, "noise": l_noise.detach(), "loc": l_loc.detach(), "id": l_id.detach(),
             "fused": fused.float().mean(), "dip_samples": dip_active.float().sum()}
@@ -340,16 +345,11 @@ def save_outputs(out: Path, stea: STEAModel, unet, arcface_name: str, step: int,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from accelerate import Accelerator
+    run = TrainingRun(args, "PortraitBooth training", args.gradient_accumulation_steps)
+    device = run.device
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed + accelerator.process_index)
-    device = accelerator.device
-
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(args.pretrained_model, device)
+    # fp32 weights: the UNet is trained (--mixed-precision runs the forward under autocast)
+    tokenizer, text_encoder, vae, unet, scheduler = load_diffusers_sd(args.pretrained_model, torch.float32, device)
     recognizer = load_arcface(args.arcface, device=device)
     backbone = recognizer.backbone.eval().requires_grad_(False)
     layers = tuple(args.arcface_layers)
@@ -366,9 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stea = STEAModel(STEAConfig(text_dim=text_dim, feature_dim=feature_dim, hidden_dim=text_dim,
                                     feature_source="arcface", arcface_layers=layers))
     stea = stea.to(device).train().requires_grad_(True)
-    if args.freeze_unet:
-        unet.requires_grad_(False)
-    else:
+    if not args.freeze_unet:
         unet.train().requires_grad_(True)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -378,76 +376,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              len(probed), "frozen" if args.freeze_unet else "trained")
 
     data = PortraitBoothDataset(args.data_dir, args.resolution)
-    batches = StepBatches(len(data), args.batch_size, args.seed, flip=not args.no_flip,
-                          rank=accelerator.process_index, world=accelerator.num_processes)
+    run.step_batches(len(data))
     params = [{"params": list(stea.fuse.parameters())}]
     if not args.freeze_unet:
         params.append({"params": [p for p in unet.parameters() if p.requires_grad]})
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    modules = {"stea": stea.fuse, "unet": unet}
-
-    step = 0
-    resume_from = resolve_resume(out, args.resume)
-    if resume_from is not None:
-        info = load_run_state(resume_from, modules, optimizer, rank=accelerator.process_index, scaler=accelerator.scaler)
-        step = int(info["step"])
-        if accelerator.is_main_process:
-            truncate_log(out, step)
-        log.info("Resumed from %s at step %d.", resume_from, step)
+    run.restore({"stea": stea.fuse, "unet": unet}, optimizer)
+    lr_scheduler = run.scheduler(optimizer, "constant", args.warmup_steps, args.max_steps, [args.lr] * len(params))
+    acc = run.accelerator
     if args.freeze_unet:  # a module without trainable parameters must not be wrapped for DDP
-        fuse, optimizer = accelerator.prepare(stea.fuse, optimizer)
+        fuse, optimizer = acc.prepare(stea.fuse, optimizer)
         trained_models = (fuse,)
     else:
-        fuse, unet, optimizer = accelerator.prepare(stea.fuse, unet, optimizer)
+        fuse, unet, optimizer = acc.prepare(stea.fuse, unet, optimizer)
         trained_models = (fuse, unet)
     stea.fuse = fuse
     captions = CaptionEncoder(tokenizer)
     arcface_name = Path(args.arcface).name
+    trained = [p for g in params for p in g["params"]]
+
+    def compute(indices, flips, rng: SampleRandom) -> dict:
+        batch = data.batch(indices, flips)
+        with acc.autocast():
+            return training_losses(batch, stea=stea, unet=unet, vae=vae, text_encoder=text_encoder, captions=captions,
+                                   backbone=backbone, scheduler=scheduler, probe=probe, args=args, device=device, rng=rng,
+                                   global_sum=run.global_sum, world=run.world)
 
     def save(at: int) -> None:
-        accelerator.wait_for_everyone()
-        plain = {"stea": accelerator.unwrap_model(stea.fuse), "unet": accelerator.unwrap_model(unet)}
-        save_run_state(checkpoint_dir(out, at), at, plain, optimizer, rank=accelerator.process_index,
-                       is_main=accelerator.is_main_process, scaler=accelerator.scaler, keep=args.keep_checkpoints)
-        if accelerator.is_main_process:
-            stea.fuse = plain["stea"]
-            save_outputs(out, stea, plain["unet"], arcface_name, at, args.save_dtype, args.freeze_unet)
-            stea.fuse = fuse
+        plain = {"stea": acc.unwrap_model(stea.fuse), "unet": acc.unwrap_model(unet)}
 
-    trained = [p for g in params for p in g["params"]]
-    t0 = time.perf_counter()
-    while step < args.max_steps:
-        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, "constant")
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        record: dict[str, float] = {}
-        for micro in range(args.gradient_accumulation_steps):
-            micro_step = step * args.gradient_accumulation_steps + micro
-            indices, flips = batches(micro_step)
-            batch = data.batch(indices, flips)
-            # one generator per micro-step: the same draws whether or not the run was resumed
-            gen = torch.Generator().manual_seed((args.seed * 1_000_003 + micro_step) * 64 + accelerator.process_index)
-            with accelerator.accumulate(*trained_models):
-                with accelerator.autocast():
-                    losses = training_losses(batch, stea=stea, unet=unet, vae=vae, text_encoder=text_encoder, captions=captions,
-                                             backbone=backbone, scheduler=scheduler, probe=probe, args=args, device=device, gen=gen)
-                if not torch.isfinite(losses["loss"]):
-                    raise FloatingPointError(f"PortraitBooth loss became {losses['loss'].item()} at step {step}; lower --lr.")
-                accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trained, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in losses.items():
-                record[k] = record.get(k, 0.0) + float(v.detach()) / args.gradient_accumulation_steps
-        step += 1
-        if accelerator.is_main_process and (step % args.log_every == 0 or step == args.max_steps):
-            append_log(out, {"step": step, "lr": lr, **record})
-        if step % args.save_every == 0 or step == args.max_steps:
-            save(step)
-    log.info("PortraitBooth training done: step %d in %.1fs; %s", step, time.perf_counter() - t0, out)
-    accelerator.end_training()
-    return 0
+        def write_outputs(step: int) -> None:
+            stea.fuse = plain["stea"]
+            try:
+                save_outputs(run.out, stea, plain["unet"], arcface_name, step, args.save_dtype, args.freeze_unet)
+            finally:
+                stea.fuse = fuse
+
+        run.save(at, plain, optimizer, write_outputs)
+
+    return run.train(max_steps=args.max_steps, compute=compute, models=trained_models, optimizer=optimizer,
+                     scheduler=lr_scheduler, clip_params=trained, save=save, sums=("dip_samples",), hint="lower --lr.")
 
 
 if __name__ == "__main__":
