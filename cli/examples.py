@@ -1,6 +1,7 @@
 """``python -m facebooth examples``: run the example workflows headless in a real ComfyUI.
 
-Without ``--server`` it starts a ComfyUI from ``--comfyui-dir`` (default ``$COMFYUI_DIR``) on a temporary base
+Without ``--server`` it starts a ComfyUI from ``--comfyui-dir`` (default ``$COMFYUI_DIR``, else the ComfyUI
+whose ``custom_nodes`` this pack was cloned into) on a temporary base
 directory with this pack linked into ``custom_nodes`` and, unless ``--checkpoint`` is given, the embedded
 default models: a random SD1.5 checkpoint and random face models (cached in ``$FACEBOOTH_CACHE`` or
 ``~/.cache/facebooth``). Random weights produce noise, not portraits: the run shows that every workflow
@@ -47,7 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--server", metavar="URL", help="use a ComfyUI that is already running (e.g. http://127.0.0.1:8188)")
     where.add_argument("--comfyui-dir", type=Path, default=None,
-                       help="ComfyUI folder to start (default: $COMFYUI_DIR)")
+                       help="ComfyUI folder to start (default: $COMFYUI_DIR, else the ComfyUI this pack is in)")
     parser.add_argument("--checkpoint", metavar="NAME_OR_PATH",
                         help="SD1.5 checkpoint: a file path, or a name from models/checkpoints "
                              "(default: the random test checkpoint)")
@@ -60,7 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="value of $SEED (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="fill or override a workflow placeholder (VALUE is JSON if it parses)")
-    parser.add_argument("--workflows-dir", type=Path, default=ex.EXAMPLES_DIR, help=argparse.SUPPRESS)
+    parser.add_argument("--workflows-dir", type=Path, default=ex.API_DIR, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per workflow (default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="device for a ComfyUI started here (default: GPU when torch sees one)")
@@ -70,7 +71,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="keep the temporary ComfyUI base dir (with comfyui.log) after the run")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing workflow")
     parser.add_argument("--write-ui", action="store_true",
-                        help="also regenerate each workflow's UI-format twin and docs/nodes.md from the live /object_info")
+                        help="also regenerate each workflow's UI twin + thumbnail (examples_workflows/<title>.json/.jpg, "
+                             "laid out in headless Chromium) and docs/nodes.md from the live /object_info")
+    parser.add_argument("--no-browser", action="store_true",
+                        help="with --write-ui: estimate node sizes instead of measuring them, and write no thumbnails")
+    parser.add_argument("--no-run", action="store_true", help="with --write-ui: only regenerate, do not run the workflows")
     parser.set_defaults(func=run)
     return parser
 
@@ -191,17 +196,13 @@ def _summary(results: list[Result], out_dir: Path, stream=None) -> None:
     stream.flush()
 
 
-def _write_ui_twins(client: ComfyClient, workflows: list[Path]) -> None:
+def _write_ui_twins(client: ComfyClient, workflows: list[Path], browser: bool = True) -> None:
     from ..runner.node_docs import write_node_docs
+    from ..runner.ui_twins import regenerate
 
     info = client.object_info()
     log.info("Node reference written: %s", write_node_docs(info))
-    for path in workflows:
-        try:
-            twin = ex.write_ui_twin(path, info)
-            log.info("UI twin written: %s", twin)
-        except Exception as exc:  # a node missing from this server: say so, keep going
-            log.warning("Could not write the UI twin of %s: %s: %s", path.name, type(exc).__name__, exc)
+    regenerate(client.url, info, workflows, browser=browser)
 
 
 def run(args) -> int:
@@ -240,11 +241,15 @@ def _run_on_server(args, workflows: list[Path]) -> int:
                 ) from exc
             raise
         subs = {"CHECKPOINT": checkpoint, "SEED": args.seed, **ex.upload_faces(client, args.face, args.seed)}
+        if not args.checkpoint:  # the random test checkpoint: test sizes, not the workflows' real settings
+            subs.update(ex.TEST_SIZE_VALUES)
     except (ComfyUnreachableError, ex.MissingModelError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return EXIT_SETUP
     if args.write_ui:
-        _write_ui_twins(client, workflows)
+        _write_ui_twins(client, workflows, browser=not args.no_browser)
+        if args.no_run:
+            return EXIT_OK
     results = _run_all(client, workflows, subs, args)
     client.close()
     _summary(results, args.out)
@@ -257,11 +262,12 @@ def _run_local(args, workflows: list[Path]) -> int:
         ComfyServerError,
         ComfyUINotFoundError,
         check_comfyui_dir,
+        default_comfyui_dir,
         pack_import_problems,
     )
 
     try:
-        comfyui_dir = check_comfyui_dir(args.comfyui_dir or os.environ.get("COMFYUI_DIR"))
+        comfyui_dir = check_comfyui_dir(default_comfyui_dir(args.comfyui_dir))
     except ComfyUINotFoundError as exc:
         log.error("%s", exc)
         return EXIT_SETUP
@@ -291,7 +297,9 @@ def _run_local(args, workflows: list[Path]) -> int:
                 log.error("%s", exc)
                 return EXIT_SETUP
             if args.write_ui:
-                _write_ui_twins(client, workflows)
+                _write_ui_twins(client, workflows, browser=not args.no_browser)
+                if args.no_run:
+                    return EXIT_OK
             results = _run_all(client, workflows, subs, args)
             client.close()
         finally:

@@ -2,7 +2,8 @@
 downloading the ones that have a direct URL.
 
 Models-dir resolution (all three actions): ``--models-dir``, else ``--comfyui-dir``/models, else
-``$COMFYUI_DIR/models``, else ``$FACEBOOTH_MODELS_DIR``. A ComfyUI dir's ``extra_model_paths.yaml`` (and any
+``$COMFYUI_DIR/models``, else ``$FACEBOOTH_MODELS_DIR``, else the models folder of the ComfyUI this pack is in
+(``ComfyUI/custom_nodes/<pack>``). A ComfyUI dir's ``extra_model_paths.yaml`` (and any
 ``--extra-model-paths`` file) adds search directories per folder key, as ComfyUI itself does.
 """
 from __future__ import annotations
@@ -102,6 +103,10 @@ def resolve_model_dirs(args: argparse.Namespace, env: Mapping[str, str] | None =
     env = os.environ if env is None else env
     yaml_files: list[Path] = list(getattr(args, "extra_model_paths", []) or [])
     comfy = getattr(args, "comfyui_dir", None) or (Path(env["COMFYUI_DIR"]) if env.get("COMFYUI_DIR") else None)
+    if comfy is None and args.models_dir is None and not env.get("FACEBOOTH_MODELS_DIR"):
+        from ..runner.server import find_enclosing_comfyui
+
+        comfy = find_enclosing_comfyui()  # a pack cloned into ComfyUI/custom_nodes uses that ComfyUI
     if args.models_dir is not None:
         models: Path | None = Path(args.models_dir)
     elif comfy is not None:

@@ -127,7 +127,7 @@ class CrossInitialization(io.ComfyNode):
                 io.Int.Input("steps", default=320, min=1, max=10000, tooltip="Optimisation steps (custom preset only)."),
                 io.Float.Input("learning_rate", default=0.005, min=1e-6, max=1.0, step=0.0005, round=1e-6, tooltip="AdamW learning rate (custom preset only). Too high a rate can diverge; the node then stops with an error."),
                 io.Int.Input("batch_size", default=8, min=1, max=64, tooltip="Samples per step (custom preset only). Each is a random photo, flip, timestep, noise and prompt template."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed for the sampled timesteps, noise, flips and templates: the same seed gives the same embedding."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip="Seed for the sampled timesteps, noise, flips and templates: the same seed gives the same embedding."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Training resolution in pixels: 512 for SD1.5 and SD2.1-base, 768 for SD2.1-768."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing embedding of the same name. Off: stop with an error instead of replacing it."),
             ],

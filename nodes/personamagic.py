@@ -139,7 +139,7 @@ class PersonaMagicTrain(io.ComfyNode):
                 io.Int.Input("batch_size", default=2, min=1, max=16, tooltip="Samples per step (official: 1 with 2 accumulated = 2)."),
                 io.Int.Input("warmup_steps", default=100, min=1, max=5000, tooltip="IoU partition only: steps over the whole schedule before the stages are measured."),
                 io.Float.Input("identity_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of λ_id(t)·(1 − cos) (needs a PyTorch ArcFace in the face analyzer). 0 turns it off (it decodes through the VAE each step, the slowest part)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed for the mapper's init, timesteps, noise and templates."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip="Seed for the mapper's init, timesteps, noise and templates."),
                 io.Int.Input("resolution", default=512, min=64, max=1024, step=64, tooltip="Training resolution (512 for SD1.x)."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name. Off: stop with an error."),
             ],

@@ -2,14 +2,23 @@
 
 Placeholder convention
 ----------------------
-Example workflows (``examples_workflows/*_api.json``, API format) may not name files that only exist on the
-author's machine. Instead, an input value may be a placeholder that the runner fills in before queueing:
+Example workflows (``examples_workflows/api/*_api.json``, API format) may not name files that only exist on
+the author's machine, and their settings are the real ones (SD1.5 at 512 px, 20-30 steps). An input value may
+be a placeholder that the runner fills in before queueing:
 
 * a string that is exactly ``"$NAME"`` is replaced by the value of ``NAME`` with its own JSON type
   (so ``"seed": "$SEED"`` becomes an int);
-* ``"${NAME}"`` inside a longer string is replaced textually (``"FaceBooth/${WORKFLOW}"``).
+* ``"${NAME:-DEFAULT}"`` (the whole string) is the same, but falls back to ``DEFAULT`` when nothing provides
+  ``NAME``; ``DEFAULT`` is read as JSON when it parses (``"${STEPS:-25}"`` -> 25), else as text
+  (``"${PROMPT:-a photo of a person}"``). A default cannot contain ``}``;
+* ``"${NAME}"`` or ``"${NAME:-DEFAULT}"`` inside a longer string is replaced textually
+  (``"FaceBooth/${WORKFLOW}"``).
 
-``NAME`` is upper case (``[A-Z][A-Z0-9_]*``). The runner provides:
+``NAME`` is upper case (``[A-Z][A-Z0-9_]*``). Every example takes ``${PROMPT:-...}``, ``${FACE_IMAGE:-...}``
+(when it reads a face) and ``${SEED:-...}`` with its own values as defaults, so a batch tool can fill them.
+The defaults are what the editor copy (the UI twin) shows.
+
+The runner provides:
 
 ==================  =====================================================================================
 ``CHECKPOINT``      checkpoint file name as ComfyUI lists it (the random SD1.5 one, or ``--checkpoint``)
@@ -27,8 +36,13 @@ author's machine. Instead, an input value may be a placeholder that the runner f
 ``PORTRAITBOOTH_STEA`` PortraitBooth STEA safetensors in ``models/facebooth/portraitbooth`` (random)
 ==================  =====================================================================================
 
+With the random test checkpoint the runner also fills the test-size knobs of ``TEST_SIZE_VALUES`` (64 px,
+4 steps, Cross Initialization preset "custom", Detect Faces "aligned crop" for the drawn faces, ...); with a
+real ``--checkpoint`` the workflows' own defaults apply.
+
 ``--set NAME=VALUE`` adds or overrides any of them (VALUE parsed as JSON when it parses, else a string).
-A workflow that uses a placeholder nobody provides fails before it is queued, naming the placeholder.
+A workflow that uses a placeholder without default that nobody provides fails before it is queued, naming
+the placeholder.
 
 The embedded default models (random SD1.5 checkpoint, random face models) are generated once into a cache
 folder (``$FACEBOOTH_CACHE`` or ``~/.cache/facebooth``) and linked into the run's temporary ComfyUI base dir.
@@ -54,19 +68,31 @@ from .client import ComfyClient, OutputImage, ProgressCallback
 log = logging.getLogger("FaceBooth.examples")
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-EXAMPLES_DIR = PACK_DIR / "examples_workflows"
+EXAMPLES_DIR = PACK_DIR / "examples_workflows"  # UI workflows + thumbnails: what the template browser lists
+API_DIR = EXAMPLES_DIR / "api"  # API-format twins and their layout files (a subfolder the browser skips)
 API_SUFFIX = "_api.json"
+LAYOUT_SUFFIX = ".layout.json"
 
 _EXACT = re.compile(r"^\$([A-Z][A-Z0-9_]*)$")
-_INLINE = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
+_BRACED = r"\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*))?\}"
+_EXACT_BRACED = re.compile(r"^" + _BRACED + r"$")
+_INLINE = re.compile(_BRACED)
 
-# Values used when a UI twin is generated for the editor: real-looking names instead of placeholders.
+# Test-size values the runner fills in when it runs the random test checkpoint: the shipped workflows keep
+# real settings as their defaults (see the module docstring).
+TEST_SIZE_VALUES: dict[str, Any] = {
+    "WIDTH": 64, "HEIGHT": 64, "STEPS": 4,
+    "PANORAMA_WIDTH": 128, "MD_WINDOW": 64, "MD_STRIDE": 32,
+    "DETECT_MODE": "aligned crop",  # the drawn faces are already crops; random detectors find nothing
+    "CROSS_INIT_PRESET": "custom", "TRAIN_STEPS": 4, "TRAIN_RESOLUTION": 64, "TRAIN_BATCH": 2, "TRAIN_WARMUP": 2,
+    "PERSONAMAGIC_RESOLUTION": 128, "PERSONAMAGIC_BINS": 25,
+}
+
+# Values used when a UI twin is generated for the editor: the model files users download (names as the
+# weights manifest has them). Everything else in the editor copy comes from the placeholders' defaults.
 EDITOR_DEFAULTS: dict[str, Any] = {
     "CHECKPOINT": "v1-5-pruned-emaonly.safetensors",
-    "FACE_IMAGE": "face.png",
-    "FACE_IMAGE_2": "face2.png",
-    "SEED": 0,
-    "ARCFACE": "arcface_r100.pth",
+    "ARCFACE": "arcface_ms1mv3_r100.pth",
     "INSIGHTFACE_PACK": "antelopev2",
     "F2D_MSID": "msid.pt",
     "F2D_MAPPING": "mapping.pt",
@@ -96,7 +122,7 @@ def workflow_name(path: str | os.PathLike) -> str:
     return name[: -len(API_SUFFIX)] if name.endswith(API_SUFFIX) else Path(name).stem
 
 
-def list_workflows(folder: str | os.PathLike = EXAMPLES_DIR, only: Iterable[str] | None = None) -> list[Path]:
+def list_workflows(folder: str | os.PathLike = API_DIR, only: Iterable[str] | None = None) -> list[Path]:
     """The API-format workflows in ``folder``, sorted; ``only`` keeps those whose name matches a glob."""
     paths = sorted(Path(folder).glob("*" + API_SUFFIX))
     patterns = list(only or [])
@@ -130,15 +156,42 @@ def _walk_strings(value: Any) -> Iterable[str]:
             yield from _walk_strings(v)
 
 
-def find_placeholders(workflow: Mapping) -> set[str]:
+def find_placeholders(workflow: Mapping, *, required_only: bool = False) -> set[str]:
+    """Names of the placeholders in ``workflow`` (``required_only``: those without a default)."""
     names: set[str] = set()
     for node in workflow.values():
         for s in _walk_strings(node.get("inputs", {})):
             m = _EXACT.match(s)
             if m:
                 names.add(m.group(1))
-            names.update(_INLINE.findall(s))
+            names.update(mm.group(1) for mm in _INLINE.finditer(s) if not (required_only and mm.group(2) is not None))
     return names
+
+
+def placeholder_defaults(workflow: Mapping) -> dict[str, Any]:
+    """The defaults the workflow gives its placeholders (``${NAME:-DEFAULT}``), typed as a whole-value fill."""
+    found: dict[str, Any] = {}
+    for node in workflow.values():
+        for s in _walk_strings(node.get("inputs", {})):
+            for mm in _INLINE.finditer(s):
+                if mm.group(2) is not None:
+                    found.setdefault(mm.group(1), _typed(mm.group(2)) if mm.group(0) == s else mm.group(2))
+    return found
+
+
+def _typed(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _lookup(name: str, default: str | None, values: Mapping[str, Any], typed: bool) -> Any:
+    if name in values:
+        return values[name]
+    if default is None:
+        raise KeyError(name)
+    return _typed(default) if typed else default
 
 
 def _fill(value: Any, values: Mapping[str, Any]) -> Any:
@@ -146,7 +199,10 @@ def _fill(value: Any, values: Mapping[str, Any]) -> Any:
         m = _EXACT.match(value)
         if m:
             return values[m.group(1)]
-        return _INLINE.sub(lambda mm: str(values[mm.group(1)]), value)
+        m = _EXACT_BRACED.match(value)
+        if m:
+            return _lookup(m.group(1), m.group(2), values, typed=True)
+        return _INLINE.sub(lambda mm: str(_lookup(mm.group(1), mm.group(2), values, typed=False)), value)
     if isinstance(value, list):
         return [_fill(v, values) for v in value]
     if isinstance(value, dict):
@@ -156,7 +212,7 @@ def _fill(value: Any, values: Mapping[str, Any]) -> Any:
 
 def substitute(workflow: Mapping, values: Mapping[str, Any], *, name: str = "workflow") -> dict:
     """A copy of ``workflow`` with every placeholder filled; raises ``PlaceholderError`` naming missing ones."""
-    missing = sorted(find_placeholders(workflow) - set(values))
+    missing = sorted(find_placeholders(workflow, required_only=True) - set(values))
     if missing:
         raise PlaceholderError(
             f"{name} uses placeholder(s) {', '.join('$' + m for m in missing)} that nothing provides. "
@@ -448,6 +504,8 @@ def prepare_base_dir(
             if model.placeholder:
                 subs[model.placeholder] = model.value
     subs["CHECKPOINT"] = checkpoint_name
+    if checkpoint is None:  # the random test checkpoint: test sizes instead of the workflows' real settings
+        subs.update(TEST_SIZE_VALUES)
     return LocalSetup(base, checkpoint_name, subs)
 
 
@@ -472,14 +530,32 @@ def upload_faces(client: ComfyClient, faces: list[str | os.PathLike] | None, see
 # ------------------------------------------------------------------------------------------------
 
 
-def ui_twin_path(api_path: str | os.PathLike) -> Path:
+def layout_path(api_path: str | os.PathLike) -> Path:
     api_path = Path(api_path)
-    return api_path.with_name(workflow_name(api_path) + ".json")
+    return api_path.with_name(workflow_name(api_path) + LAYOUT_SUFFIX)
+
+
+def workflow_title(api_path: str | os.PathLike) -> str:
+    """The card title in the template browser: the layout's ``title``, else the name."""
+    from .ui_workflow import load_layout
+
+    title = load_layout(layout_path(api_path)).get("title") or workflow_name(api_path)
+    if any(c in title for c in '/\\?#%*:"<>|'):
+        raise ValueError(f"title {title!r} of {Path(api_path).name} cannot be a file name (no /\\?#%*:\"<>|)")
+    return title
+
+
+def ui_twin_path(api_path: str | os.PathLike, examples_dir: str | os.PathLike | None = None) -> Path:
+    """``examples_workflows/<title>.json``: the UI twin of ``api/<name>_api.json`` (its thumbnail: ``.jpg``)."""
+    api_path = Path(api_path)
+    folder = Path(examples_dir) if examples_dir else api_path.parent.parent
+    return folder / (workflow_title(api_path) + ".json")
 
 
 def editor_values(workflow: Mapping, name: str) -> dict[str, Any]:
-    """Placeholder values for the editor copy: plausible file names; unknown placeholders stay visible."""
+    """Placeholder values for the editor copy: the defaults, model file names; unknown ones stay visible."""
     values: dict[str, Any] = {n: "$" + n for n in find_placeholders(workflow)}
+    values.update(placeholder_defaults(workflow))
     values.update(EDITOR_DEFAULTS)
     values["WORKFLOW"] = name
     return values
@@ -490,19 +566,54 @@ def expected_ui_api(api_path: str | os.PathLike) -> dict:
     from .ui_workflow import strip_meta
 
     api = load_workflow(api_path)
-    return strip_meta(substitute(api, editor_values(api, workflow_name(api_path)), name=workflow_name(api_path)))
+    name = workflow_name(api_path)
+    return strip_meta(substitute(api, editor_values(api, name), name=name))
 
 
-def write_ui_twin(api_path: str | os.PathLike, object_info: dict) -> Path:
-    """(Re)generate ``<name>.json`` next to ``<name>_api.json`` for the ComfyUI editor (atomic write)."""
-    from .ui_workflow import api_to_ui
+def downloadable_models(manifest: str | os.PathLike = PACK_DIR / "weights_manifest.json") -> dict[str, dict]:
+    """File name (as a loader's list shows it) -> {"url", "directory"} for manifest entries with a direct URL.
+
+    The editor's missing-models dialog offers these (node ``properties.models``). Archives are left out:
+    the dialog downloads one file, it does not unpack.
+    """
+    data = json.loads(Path(manifest).read_text(encoding="utf-8"))
+    found: dict[str, dict] = {}
+    for method in data.get("methods", {}).values():
+        for entry in method.get("entries", []):
+            url, folder, name = entry.get("url"), entry.get("folder"), entry.get("filename")
+            if not url or not folder or not name or entry.get("archive"):
+                continue
+            # An entry in a subfolder keeps it in the name: the loader lists "sub/file.bin".
+            if entry.get("subfolder"):
+                name = f"{entry['subfolder']}/{name}"
+            found.setdefault(name, {"url": url, "directory": folder})
+    return found
+
+
+def _atomic_write_text(target: Path, text: str) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def build_ui_twin(api_path: str | os.PathLike, object_info: dict, sizes: Mapping | None = None) -> dict:
+    """The UI workflow for one API example: placeholders filled with editor values, laid out (see ui_workflow)."""
+    from .ui_workflow import api_to_ui, load_layout
 
     api_path = Path(api_path)
     name = workflow_name(api_path)
     api = load_workflow(api_path)
-    ui = api_to_ui(substitute(api, editor_values(api, name), name=name), object_info)
-    target = ui_twin_path(api_path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(ui, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    return api_to_ui(substitute(api, editor_values(api, name), name=name), object_info,
+                     load_layout(layout_path(api_path)), sizes=sizes, models=downloadable_models())
+
+
+def write_ui_twin(api_path: str | os.PathLike, object_info: dict, sizes: Mapping | None = None,
+                  examples_dir: str | os.PathLike | None = None) -> Path:
+    """(Re)generate ``<title>.json`` for the ComfyUI editor next to ``api/`` (atomic write).
+
+    ``sizes`` (node id -> [w, h]) are the frontend's sizes from a browser pass (runner/browser.py); without them
+    the sizes are estimated. ``python -m facebooth examples --write-ui`` does both passes and the thumbnails.
+    """
+    target = ui_twin_path(api_path, examples_dir)
+    _atomic_write_text(target, json.dumps(build_ui_twin(api_path, object_info, sizes), indent=1) + "\n")
     return target

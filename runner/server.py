@@ -44,16 +44,43 @@ def check_comfyui_dir(comfyui_dir: str | os.PathLike | None) -> Path:
     """Return the ComfyUI folder as a Path, or raise with a message that says how to point at one."""
     if not comfyui_dir:
         raise ComfyUINotFoundError(
-            "No ComfyUI folder given. Pass --comfyui-dir /path/to/ComfyUI (or set COMFYUI_DIR), "
-            "or pass --server URL to use a ComfyUI that is already running."
+            "No ComfyUI folder given, and this pack is not inside one (ComfyUI/custom_nodes/<pack>). Pass "
+            "--comfyui-dir /path/to/ComfyUI (or set COMFYUI_DIR), or pass --server URL to use a ComfyUI that is "
+            "already running."
         )
     path = Path(comfyui_dir).expanduser()
-    if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
+    if not is_comfyui_dir(path):
         raise ComfyUINotFoundError(
             f"{path} is not a ComfyUI folder (expected main.py and comfy/ inside). Pass the folder you cloned "
             "ComfyUI into with --comfyui-dir (or COMFYUI_DIR)."
         )
     return path
+
+
+def is_comfyui_dir(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / "main.py").is_file() and (path / "comfy").is_dir()
+
+
+# Not resolved: a pack linked into custom_nodes is imported through the link, and that is where it "lives".
+_PACK_AS_IMPORTED = Path(os.path.abspath(__file__)).parent.parent
+
+
+def find_enclosing_comfyui(start: str | os.PathLike = _PACK_AS_IMPORTED) -> Path | None:
+    """The ComfyUI this pack lives in (``ComfyUI/custom_nodes/<pack>``): the nearest folder above ``start``
+    with ``main.py`` and ``comfy/``, or None. Both the path as given and its resolved form are searched, so a
+    pack linked into custom_nodes is found from the link as well."""
+    start = Path(start).absolute()
+    for base in dict.fromkeys((start, start.resolve())):
+        for folder in base.parents:
+            if is_comfyui_dir(folder):
+                return folder
+    return None
+
+
+def default_comfyui_dir(given: str | os.PathLike | None = None) -> str | os.PathLike | None:
+    """``--comfyui-dir``, else ``$COMFYUI_DIR``, else the ComfyUI this pack was cloned into (None if none)."""
+    return given or os.environ.get("COMFYUI_DIR") or find_enclosing_comfyui()
 
 
 def pack_import_problems(startup_log: str, link_name: str = "FaceBooth") -> list[str]:

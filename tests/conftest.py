@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+# The real-ComfyUI session fixtures, shared by tests/integration and tests/browser (one server per session).
+pytest_plugins = ["helpers.comfy_fixtures"]
+
 # Keep CPU tests deterministic and light on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

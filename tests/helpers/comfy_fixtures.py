@@ -1,4 +1,4 @@
-"""Integration fixtures: one real ComfyUI per test session, with this pack installed as users install it.
+"""Real-ComfyUI fixtures (a pytest plugin registered in tests/conftest.py): one real ComfyUI per test session, with this pack installed as users install it.
 
 ComfyUI comes from ``$COMFYUI_DIR`` (tests skip, saying so, when it is unset). The session base directory
 has ``custom_nodes/FaceBooth`` as a symlink to this repository, the random SD1.5 checkpoint and the random

@@ -1,6 +1,6 @@
 """Cross Initialization end to end in a real ComfyUI on the random SD1.5 checkpoint.
 
-The example workflow (examples_workflows/cross_init_fast_api.json: custom preset, 4 steps, batch 2, 64 px so
+The example workflow (examples_workflows/api/cross_init_fast_api.json; the runner fills preset custom, 4 steps, batch 2, 64 px so
 it stays quick on the tiny model) trains an embedding and, in the same queue, generates with
 "embedding:NAME smiling, portrait photo" through core's StringConcatenate. The test adds a twin sampler
 branch with the same seed and the prompt *without* the embedding and saves both latents: ComfyUI drops an
@@ -23,7 +23,7 @@ from facebooth.runner.client import WorkflowFailedError, WorkflowRejectedError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-EXAMPLE = ex.EXAMPLES_DIR / "cross_init_fast_api.json"
+EXAMPLE = ex.API_DIR / "cross_init_fast_api.json"
 NAME = "fb_ci_integration"
 TRAIN_NODE = "3"
 

@@ -15,7 +15,7 @@ from facebooth.runner.client import WorkflowFailedError, WorkflowRejectedError
 from facebooth.runner.server import find_free_port
 from facebooth.runner.ui_workflow import ui_to_api, strip_meta
 
-BASIC = ex.EXAMPLES_DIR / "basic_txt2img_api.json"
+BASIC = ex.API_DIR / "basic_txt2img_api.json"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -65,10 +65,28 @@ def test_workflow_listing_and_loading(tmp_path):
 
 
 def test_every_example_workflow_is_api_format_with_known_placeholders():
+    """Placeholders without a default are ones the runner fills; test-size knobs all have real defaults."""
     known = set(ex.EDITOR_DEFAULTS) | {"WORKFLOW"}
     for path in ex.list_workflows():
-        unknown = ex.find_placeholders(ex.load_workflow(path)) - known
+        api = ex.load_workflow(path)
+        unknown = ex.find_placeholders(api, required_only=True) - known
         assert not unknown, f"{path.name} uses placeholders the runner does not provide: {sorted(unknown)}"
+        assert ex.find_placeholders(api) - known <= set(ex.placeholder_defaults(api)), path.name
+    used = set().union(*(ex.find_placeholders(ex.load_workflow(p)) for p in ex.list_workflows()))
+    assert set(ex.TEST_SIZE_VALUES) <= used, "a test-size value no example uses"
+
+
+def test_placeholder_defaults_fill_when_nothing_provides_the_name():
+    wf = {"1": {"class_type": "A", "inputs": {
+        "steps": "${STEPS:-25}", "text": "${PROMPT:-a photo, of a person}", "mode": "${MODE:-detect}",
+        "prefix": "x/${NAME:-anon}_${WORKFLOW}", "w": "${WIDTH:-512}"}}}
+    assert ex.find_placeholders(wf, required_only=True) == {"WORKFLOW"}
+    assert ex.placeholder_defaults(wf) == {"STEPS": 25, "PROMPT": "a photo, of a person", "MODE": "detect",
+                                           "NAME": "anon", "WIDTH": 512}
+    out = ex.substitute(wf, {"WORKFLOW": "w", "WIDTH": 64})["1"]["inputs"]
+    assert out == {"steps": 25, "text": "a photo, of a person", "mode": "detect", "prefix": "x/anon_w", "w": 64}
+    with pytest.raises(ex.PlaceholderError, match="WORKFLOW"):
+        ex.substitute(wf, {})
 
 
 def test_prepare_base_dir_links_pack_and_user_checkpoint(tmp_path):

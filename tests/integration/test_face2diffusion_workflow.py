@@ -16,8 +16,8 @@ from facebooth.runner import examples as ex
 
 pytestmark = pytest.mark.integration
 
-BASIC = ex.EXAMPLES_DIR / "face2diffusion_basic_api.json"
-TWO_PEOPLE = ex.EXAMPLES_DIR / "face2diffusion_two_people_api.json"
+BASIC = ex.API_DIR / "face2diffusion_basic_api.json"
+TWO_PEOPLE = ex.API_DIR / "face2diffusion_two_people_api.json"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from facebooth.devmodels import instantbooth_models as ibm
 from facebooth.runner import examples as ex
 
-EXAMPLES = {name: ex.EXAMPLES_DIR / f"instantbooth_{name}_api.json" for name in ("photo", "faces")}
+EXAMPLES = {name: ex.API_DIR / f"instantbooth_{name}_api.json" for name in ("photo", "faces")}
 
 
 @pytest.fixture(scope="module")

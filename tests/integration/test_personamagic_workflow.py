@@ -1,6 +1,6 @@
 """PersonaMagic end to end in a real ComfyUI on the random SD1.5 checkpoint.
 
-The example (examples_workflows/personamagic_train_apply_api.json) trains a mapper on the drawn face (4 steps at
+The example (examples_workflows/api/personamagic_train_apply_api.json) trains a mapper on the drawn face (4 steps at
 128 px, face mask and identity loss from the PyTorch face analyzer with the random ArcFace, a random full-size
 ViT-L/14 CLIP vision tower as the runner's InstantBooth demo models provide) and, in the same queue, applies it
 and samples 64×64 with dpmpp_2m. The test adds a twin sampler fed the plain supercategory prompt with the
@@ -24,7 +24,7 @@ from facebooth.runner.client import WorkflowFailedError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-EXAMPLE = ex.EXAMPLES_DIR / "personamagic_train_apply_api.json"
+EXAMPLE = ex.API_DIR / "personamagic_train_apply_api.json"
 TRAIN, APPLY, SAMPLER = "5", "6", "9"
 
 

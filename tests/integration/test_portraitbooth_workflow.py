@@ -20,9 +20,9 @@ from facebooth.runner.client import WorkflowFailedError
 
 pytestmark = pytest.mark.integration
 
-SINGLE = ex.EXAMPLES_DIR / "portraitbooth_single_api.json"
-TWO = ex.EXAMPLES_DIR / "multidiffusion_two_subjects_api.json"
-EXPRESSION = ex.EXAMPLES_DIR / "portraitbooth_expression_api.json"
+SINGLE = ex.API_DIR / "portraitbooth_single_api.json"
+TWO = ex.API_DIR / "multidiffusion_two_subjects_api.json"
+EXPRESSION = ex.API_DIR / "portraitbooth_expression_api.json"
 
 
 @pytest.fixture(scope="module")
