@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..runner import examples as ex
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 

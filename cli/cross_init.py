@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-log = logging.getLogger("FaceBooth.cross_init")  # under the CLI's "FaceBooth" stderr handler
+log = logging.getLogger(__name__)  # under the CLI's "facebooth" stderr handler
 
 COMMAND = "cross-init"
 HELP = "learn a Cross Initialization face embedding (ComfyUI embedding file) from photos"

@@ -33,7 +33,7 @@ from ..runner.client import (
     WorkflowRejectedError,
 )
 
-log = logging.getLogger("FaceBooth.examples")
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2
 

@@ -16,7 +16,10 @@ from typing import Sequence
 
 COMMAND_MODULES: list[str] = ["weights", "examples", "cross_init", "batch"]
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
+# The root of FaceBooth's logger tree: the top-level package ("facebooth" when installed; inside ComfyUI the name
+# ComfyUI gives the pack's folder). Every module logs to logging.getLogger(__name__) below it.
+PACKAGE_LOGGER = __name__.rsplit(".", 2)[0] if __name__.count(".") >= 2 else "facebooth"
 
 
 def _load_command_modules(names: Sequence[str]) -> list[ModuleType]:
@@ -55,7 +58,7 @@ def build_parser(command_modules: Sequence[str] | None = None) -> argparse.Argum
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logger = logging.getLogger("FaceBooth")
+    logger = logging.getLogger(PACKAGE_LOGGER)
     logger.setLevel(level)
     # One stderr handler of our own, bound to the current sys.stderr (tests swap it), replaced on each run.
     for handler in list(logger.handlers):

@@ -33,7 +33,7 @@ from ..utils.manifest import (
     resolve_entry,
 )
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 

@@ -32,7 +32,7 @@ import torch
 
 from ..utils.files import atomic_save_safetensors
 
-log = logging.getLogger("FaceBooth.devmodels")
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 DEFAULT_CHECKPOINT_NAME = "facebooth_random_sd15.safetensors"

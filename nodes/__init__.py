@@ -7,7 +7,7 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 NODE_MODULES = ["face", "cross_init", "face2diffusion", "portraitbooth", "multidiffusion", "instantbooth", "personamagic"]
 

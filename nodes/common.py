@@ -12,7 +12,7 @@ import comfy.utils
 
 from ..pipelines.runtime import RunHooks
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ["auto", "cpu", "gpu"]
 

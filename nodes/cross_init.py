@@ -33,7 +33,7 @@ from .loss_curve import loss_curve_image
 from .ti_comfy_backend import ComfyTIBackend
 from .types import Faces
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 CATEGORY = "FaceBooth/Cross Initialization"
 PRESETS = ["fast", "full", "custom"]
 _FACE_CROP = "ffhq_512"

@@ -18,7 +18,7 @@ from .common import DEVICE_CHOICES, ModelCache, comfy_hooks, pick_device, placeh
 from .types import FaceAnalyzer as FaceAnalyzerType
 from .types import Faces, Identity as IdentityType
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 CATEGORY = "FaceBooth/Face"
 _CACHE = ModelCache()
 _NONE = "none"

@@ -42,7 +42,7 @@ from .common import DEVICE_CHOICES, ModelCache, load_managed, managed
 from .controls import check_range, range_inputs, schedule
 from .types import Faces
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 CATEGORY = "FaceBooth/Face2Diffusion"
 FOLDER = "facebooth/face2diffusion"

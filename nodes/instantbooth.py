@@ -31,7 +31,7 @@ from . import model_folders
 from .common import ModelCache, load_managed, managed
 from .types import Faces
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 CATEGORY = "FaceBooth/InstantBooth"
 FOLDER = "facebooth/instantbooth"
 InstantBoothType = io.Custom("FACEBOOTH_INSTANTBOOTH")  # ModelPatcher over a pipelines.instantbooth.InstantBoothModel

@@ -6,7 +6,7 @@ import os
 
 import folder_paths
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 # folder key -> default location under ComfyUI's models dir, and accepted extensions.
 _WEIGHT_EXTS = {".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt"}

@@ -26,7 +26,7 @@ from ..pipelines.multidiffusion import (
     constant_colour_images,
 )
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 CATEGORY = "FaceBooth/MultiDiffusion"
 WRAPPER_KEY = "facebooth_multidiffusion"
 LATENT_FACTOR = 8  # SD1.x / SD2.x / SDXL VAEs

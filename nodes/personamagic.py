@@ -42,7 +42,7 @@ from .personamagic_comfy import (
 )
 from .types import FaceAnalyzer as FaceAnalyzerType
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 CATEGORY = "FaceBooth/PersonaMagic"
 FOLDER = "facebooth/personamagic"
 PersonaMagicType = io.Custom("FACEBOOTH_PERSONAMAGIC")  # pipelines.personamagic.files.PersonaMagicFile

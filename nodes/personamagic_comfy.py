@@ -27,7 +27,7 @@ from ..pipelines.personamagic.vpath import ValuePathPatch
 from ..pipelines.textual_inversion.backend import TextTower
 from .ti_comfy_backend import ComfyTIBackend, UnsupportedModelError, clip_tower_keys, text_tower_from_clip
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

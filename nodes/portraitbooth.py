@@ -35,7 +35,7 @@ from .controls import check_range, range_inputs, schedule
 from .types import FaceAnalyzer as FaceAnalyzerType
 from .types import Faces
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 CATEGORY = "FaceBooth/PortraitBooth"
 FOLDER = "facebooth/portraitbooth"
 

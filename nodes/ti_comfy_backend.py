@@ -40,7 +40,7 @@ import comfy.model_sampling
 from ..pipelines.text_encoder import CLIPTextEncoder, LayerChoice, PromptTokenizer
 from ..pipelines.textual_inversion.backend import EncodedImages, TextTower, TIBackend
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 _TOWER_KEYS = ("clip_l", "clip_h", "clip_g")
 _FAMILY_BY_TOWERS = {("clip_l",): "sd1", ("clip_h",): "sd2", ("clip_g", "clip_l"): "sdxl"}

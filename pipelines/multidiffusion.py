@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 COND, UNCOND = 0, 1  # the host's chunk flags: positive / negative prompt
 DEFAULT_WINDOW = 64  # latents (512 px for SD1.x)

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
-log = logging.getLogger("FaceBooth.browser")
+log = logging.getLogger(__name__)
 
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

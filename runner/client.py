@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-log = logging.getLogger("FaceBooth.runner")
+log = logging.getLogger(__name__)
 
 
 class ComfyUnreachableError(ConnectionError):

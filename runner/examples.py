@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .client import ComfyClient, OutputImage, ProgressCallback
 
-log = logging.getLogger("FaceBooth.examples")
+log = logging.getLogger(__name__)
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = PACK_DIR / "examples_workflows"  # UI workflows + thumbnails: what the template browser lists

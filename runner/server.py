@@ -21,7 +21,7 @@ from typing import Sequence
 
 from .client import ComfyClient
 
-log = logging.getLogger("FaceBooth.runner")
+log = logging.getLogger(__name__)
 
 BASE_SUBDIRS = ("custom_nodes", "models", "input", "output", "user", "temp")
 

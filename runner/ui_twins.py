@@ -21,7 +21,7 @@ from typing import Iterable
 from . import examples as ex
 from .ui_workflow import overlaps
 
-log = logging.getLogger("FaceBooth.examples")
+log = logging.getLogger(__name__)
 
 
 def regenerate(url: str, object_info: dict, workflows: Iterable[str | Path], *, browser: bool = True,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 
 # --- launch -------------------------------------------------------------------------------------------------

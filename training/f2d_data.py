@@ -36,7 +36,7 @@ from .run_state import (  # noqa: F401
     truncate_log,
 )
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -39,7 +39,7 @@ from .run_state import (
     truncate_log,
 )
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 Compute = Callable[[list[int], list[bool], SampleRandom], dict[str, Any]]
 

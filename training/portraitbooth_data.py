@@ -32,7 +32,7 @@ from ..pipelines.face.analyzer import FaceAnalyzer
 from ..pipelines.portraitbooth.losses import EMOTION_WORDS, IDENTITY_WORDS
 from ..pipelines.runtime import NO_HOOKS, RunHooks
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FLIP_LANDMARKS = [1, 0, 2, 4, 3]  # mirrored image: left/right eye and mouth corners swap

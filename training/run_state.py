@@ -15,7 +15,7 @@ import torch
 
 from ..utils.files import atomic_save_safetensors
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 
 def load_diffusers_sd(path: str, dtype: torch.dtype, device: torch.device):

@@ -34,7 +34,7 @@ from .f2d_data import FaceMappingDataset
 from .loop import TrainingRun
 from .run_state import load_diffusers_sd
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 
 def cgdr_target(eps: torch.Tensor, eps_class: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

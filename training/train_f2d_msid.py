@@ -32,7 +32,7 @@ from .distributed import sync_batchnorm
 from .f2d_data import IdentityFolderDataset
 from .loop import TrainingRun
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 
 class ArcFaceHead(nn.Module):

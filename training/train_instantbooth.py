@@ -59,7 +59,7 @@ from .distributed import SampleRandom
 from .loop import TrainingRun
 from .run_state import load_diffusers_sd
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # ComfyUI's full-size CLIP vision towers, by width: (heads, activation)
 _KNOWN_TOWERS = {1024: (16, "quick_gelu"), 1280: (16, "gelu"), 1664: (16, "gelu")}

@@ -64,7 +64,7 @@ from .loop import TrainingRun
 from .portraitbooth_data import PortraitBoothDataset
 from .run_state import load_diffusers_sd
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Callable, Protocol, Sequence
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 USER_AGENT = "FaceBooth-weights-fetch/1 (python-urllib)"

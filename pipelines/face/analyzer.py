@@ -23,7 +23,7 @@ from .types import (
     Identity,
 )
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 # Detectors see at most this many pixels on the long side; huge photos are shrunk for detection only.
 MAX_DETECT_SIDE = 1600

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .insightface_layout import InsightFacePackError, locate_pack
 from .types import DetectedFace
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "Install it into ComfyUI's Python with `pip install insightface onnxruntime` (on NVIDIA GPUs use "

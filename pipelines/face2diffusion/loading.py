@@ -19,7 +19,7 @@ from ...utils.files import UnsafeFileError, atomic_save_safetensors, load_state_
 from .mapping import F2DMapping, F2DMappingConfig, mapping_config_from_state_dict
 from .msid import MSIDConfig, MSIDEncoder, msid_config_from_state_dict
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 METHOD = "face2diffusion"
 FORMAT_VERSION = "1"

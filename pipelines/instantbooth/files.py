@@ -29,7 +29,7 @@ import torch
 from ...utils.files import atomic_save_safetensors, load_state_dict_file
 from .model import InstantBoothConfig, InstantBoothModel
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 FORMAT = "facebooth.instantbooth"
 FORMAT_VERSION = "1"

@@ -23,7 +23,7 @@ from .adapter import PreparedAdapter, gated_delta, prepare
 from .layout import BlockKey
 from .model import InstantBoothModel
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 APPLY_TO = ("both", "cond only")
 

@@ -34,7 +34,7 @@ from torch import nn
 from ...utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
 from .stea import STEAConfig, STEAModel, config_from_fuse_state_dict
 
-log = logging.getLogger("FaceBooth")
+log = logging.getLogger(__name__)
 
 METHOD = "portraitbooth"
 COMPONENT = "stea"

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from .servers import ComfyBackend, ServerLost
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 
 def import_ray():

@@ -14,7 +14,7 @@ from typing import Mapping
 
 from .journal import Journal
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 ID_SIMILARITY_NODE = "FaceBoothIDSimilarity"
 

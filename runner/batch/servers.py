@@ -17,7 +17,7 @@ from typing import Any, Mapping, Protocol
 
 from ..client import OutputImage, WorkflowRejectedError, format_node_errors, listed_images, raise_for_history
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 UPLOAD_SUBFOLDER = "facebooth_batch"
 
