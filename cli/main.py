@@ -14,7 +14,7 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-COMMAND_MODULES: list[str] = ["weights", "examples", "cross_init", "batch"]
+COMMAND_MODULES: list[str] = ["weights", "examples", "cross_init", "batch", "eval"]
 
 log = logging.getLogger(__name__)
 # The root of FaceBooth's logger tree: the top-level package ("facebooth" when installed; inside ComfyUI the name

@@ -9,7 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 
 log = logging.getLogger(__name__)
 
-NODE_MODULES = ["face", "cross_init", "face2diffusion", "portraitbooth", "multidiffusion", "instantbooth", "personamagic"]
+NODE_MODULES = ["face", "evaluation", "cross_init", "face2diffusion", "portraitbooth", "multidiffusion", "instantbooth", "personamagic"]
 
 
 def collect_nodes() -> list[type[io.ComfyNode]]:

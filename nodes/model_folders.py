@@ -18,6 +18,7 @@ FOLDERS: dict[str, tuple[str, set[str]]] = {
     "facebooth/portraitbooth": (os.path.join("facebooth", "portraitbooth"), _WEIGHT_EXTS),
     "facebooth/instantbooth": (os.path.join("facebooth", "instantbooth"), _WEIGHT_EXTS),
     "facebooth/personamagic": (os.path.join("facebooth", "personamagic"), {".safetensors"}),
+    "facebooth/evaluation": (os.path.join("facebooth", "evaluation"), _WEIGHT_EXTS),  # CLIP / FaceNet for scores
 }
 
 

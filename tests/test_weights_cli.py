@@ -543,7 +543,7 @@ def test_python_m_facebooth_weights_list_subprocess(tmp_path):
     for needle in ("models/antelopev2/glintr100.onnx", "msid.pt", "manual", "produced", "mtcnn/pnet.pt"):
         assert needle in proc.stdout
     methods = {line.split()[0] for line in lines[1:] if line.strip()}
-    assert methods == {"face", "cross_init", "face2diffusion", "portraitbooth", "instantbooth", "personamagic"}
+    assert methods == {"face", "cross_init", "face2diffusion", "portraitbooth", "instantbooth", "personamagic", "evaluation"}
 
     proc = subprocess.run([sys.executable, "-m", "facebooth", "weights", "list", "--method", "face2diffusion"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)

@@ -24,6 +24,7 @@ KNOWN_METHODS: tuple[str, ...] = (
     "portraitbooth",
     "instantbooth",
     "personamagic",
+    "evaluation",
 )
 
 # ComfyUI model-folder key -> default location under ComfyUI's models dir (posix, relative).
@@ -36,6 +37,7 @@ FOLDER_DEFAULTS: dict[str, str] = {
     "facebooth/portraitbooth": "facebooth/portraitbooth",
     "facebooth/instantbooth": "facebooth/instantbooth",
     "facebooth/personamagic": "facebooth/personamagic",
+    "facebooth/evaluation": "facebooth/evaluation",
     "clip_vision": "clip_vision",
     "embeddings": "embeddings",
     "checkpoints": "checkpoints",
