@@ -356,7 +356,7 @@ def test_prompt_without_placeholder_is_refused_clearly(comfy, sd1_clip, f2d):
 
 def test_no_face_passes_the_plain_prompt_through_with_a_warning(comfy, sd1_clip, f2d, caplog):
     none = FaceSet(images=torch.rand(2, 64, 64, 3), faces=[], missing=[0, 1], no_face_policy="pass_through")
-    with caplog.at_level(logging.WARNING, logger="FaceBooth"):
+    with caplog.at_level(logging.WARNING, logger="facebooth"):
         cond = _encode(comfy, sd1_clip, f2d, "a photo of f l", faces=none)
     torch.testing.assert_close(cond, _plain(sd1_clip, "a photo of f l"), rtol=0, atol=0)
     assert any("no face" in r.getMessage() for r in caplog.records)

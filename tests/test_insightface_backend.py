@@ -193,12 +193,12 @@ def test_misplaced_pack_error_comes_through_the_backend(tmp_path):
 
 def test_provider_mapping(caplog):
     cpu = "CPUExecutionProvider"
-    with caplog.at_level(logging.WARNING, logger="FaceBooth"):
+    with caplog.at_level(logging.WARNING, logger="facebooth"):
         chosen, warnings = resolve_providers(["CUDA"], [cpu])
     assert chosen == [cpu]
     assert "CUDAExecutionProvider" in caplog.text and "onnxruntime-gpu" in caplog.text and "CPU" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="FaceBooth"):
+    with caplog.at_level(logging.WARNING, logger="facebooth"):
         chosen, warnings = resolve_providers("Quantum", [cpu])
     assert chosen == [cpu] and "Unknown onnxruntime provider 'Quantum'" in caplog.text
     assert resolve_providers(["directml"], ["DmlExecutionProvider", cpu])[0] == ["DmlExecutionProvider", cpu]
@@ -209,7 +209,7 @@ def test_provider_mapping(caplog):
 
 
 def test_unavailable_provider_falls_back_to_cpu_in_the_sessions(ins_root, caplog):
-    with caplog.at_level(logging.WARNING, logger="FaceBooth"):
+    with caplog.at_level(logging.WARNING, logger="facebooth"):
         b = InsightFaceBackend([str(ins_root)], "antelopev2", providers=["CUDA", "NoSuchThing"])
     assert b.providers == ["CPUExecutionProvider"] and len(b.warnings) == 2
     assert b._det.session.get_providers() == ["CPUExecutionProvider"]

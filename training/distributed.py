@@ -54,7 +54,7 @@ def setup_logging(is_main: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if is_main:
         return
-    log.setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)  # every logger without its own level: ours, and the script's __main__
     for name in ("transformers", "diffusers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")  # the main process shows the same warnings once
