@@ -84,7 +84,7 @@ def test_expression_workflow_runs_with_the_arcface_stea(comfy_server, run_workfl
 def test_identity_reaches_the_sampler_and_text_only_is_plain_clip(comfy_server, run_workflow, pb_files, single_image):
     api = ex.load_workflow(SINGLE)
     text_only = copy.deepcopy(api)
-    text_only["5"]["inputs"]["text_only_fraction"] = 1.0
+    text_only["5"]["inputs"]["start_at"] = 1.0
     plain = copy.deepcopy(api)
     plain["5"] = {"class_type": "CLIPTextEncode", "inputs": {"text": api["5"]["inputs"]["text"], "clip": ["4", 1]}}
     for unused in ("1", "2", "3"):
