@@ -56,12 +56,12 @@ class Progress(Events):
         window = self.images[server]
         while window and now - window[0][0] > WINDOW_S:
             window.popleft()
-        span = min(WINDOW_S, now - self.start)
-        return 60.0 * sum(n for _, n in window) / span if span > 0 else 0.0
+        span = max(min(WINDOW_S, now - self.start), 10.0)  # a floor keeps the first seconds from reading as huge
+        return 60.0 * sum(n for _, n in window) / span
 
     def eta_seconds(self) -> float | None:
         left = self.total - self.done_count - self.failed_count
-        elapsed = time.monotonic() - self.start
+        elapsed = max(time.monotonic() - self.start, 10.0)
         if self.new_done == 0 or left <= 0:
             return None if left > 0 else 0.0
         return left * elapsed / self.new_done
