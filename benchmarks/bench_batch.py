@@ -64,8 +64,9 @@ def batch_run(urls: list[str], workflow: dict, values: dict, seeds: range, out: 
     jobs = matrix_jobs(None, None, seeds=len(seeds), seed_base=seeds.start)
     spec = BatchSpec(workflow, "bench", jobs, values, out, Settings(inflight=2))
     t = time.perf_counter()
-    outcome = asyncio.run(execute(spec, [ComfyBackend(HttpTransport(u), 2) for u in urls], handle_signals=False,
-                                  progress_stream=open(os.devnull, "w")))
+    with open(os.devnull, "w") as quiet:
+        outcome = asyncio.run(execute(spec, [ComfyBackend(HttpTransport(u), 2) for u in urls], handle_signals=False,
+                                      progress_stream=quiet))
     elapsed = time.perf_counter() - t
     assert outcome.counts.get("done") == len(seeds), outcome
     return elapsed

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..runner import examples as ex
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("FaceBooth.batch")
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -159,7 +159,6 @@ def _base_values(spec, setup_values: dict, sets: dict) -> None:
 
 
 def _finish(args, spec, outcome, score_models: Path | None) -> int:
-    from ..runner.batch.run import write_reports
 
     if outcome.problems:
         stream = sys.stdout
@@ -206,7 +205,7 @@ def _score(args, spec, score_models: Path | None) -> None:
         journal.close()
 
 
-def _execute(args, spec, backends) -> "object":
+def _execute(args, spec, backends) -> object:
     from ..runner.batch.run import execute
     from ..runner.batch.servers import ServerLost
 
@@ -231,7 +230,12 @@ def _run_servers(args, spec, sets: dict) -> int:
 
 def _run_embedded(args, spec, sets: dict) -> int:
     from ..runner.batch.servers import ComfyBackend, HttpTransport
-    from ..runner.server import ComfyServer, ComfyServerError, ComfyUINotFoundError, check_comfyui_dir
+    from ..runner.server import (
+        ComfyServer,
+        ComfyServerError,
+        ComfyUINotFoundError,
+        check_comfyui_dir,
+    )
 
     try:
         comfyui_dir = check_comfyui_dir(args.comfyui_dir or os.environ.get("COMFYUI_DIR"))

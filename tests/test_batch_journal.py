@@ -4,7 +4,6 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-
 from facebooth.runner.batch.jobs import Job
 from facebooth.runner.batch.journal import Journal, JournalMismatchError
 

@@ -5,12 +5,11 @@ import csv
 import io
 import json
 
-from PIL import Image, PngImagePlugin
-
 from facebooth.runner.batch import outputs, report
 from facebooth.runner.batch.journal import Row
 from facebooth.runner.batch.scoring import scores_from_history
 from facebooth.runner.client import OutputImage
+from PIL import Image, PngImagePlugin
 
 
 def _png(color=(200, 10, 10), text: dict | None = None) -> bytes:
@@ -66,7 +65,8 @@ def test_report_grid_sorted_by_similarity_and_failures_listed(tmp_path):
     assert page.index("images/a2.png") < page.index("images/a1.png")  # best image first within a cell
     assert "NoFaceError: No face found" in page and "Failed jobs (1)" in page
     csv_path, jsonl_path = report.write_manifest(tmp_path, rows)
-    records = list(csv.DictReader(open(csv_path, newline="")))
+    with open(csv_path, newline="") as f:
+        records = list(csv.DictReader(f))
     assert [(r["job"], r["status"], r["file"], r["id_similarity"]) for r in records] == [
         ("a1", "done", "images/a1.png", "0.2000"), ("a2", "done", "images/a2.png", "0.6000"),
         ("b1", "done", "images/b1.png", "0.9000"), ("b2", "failed", "", "")]

@@ -23,19 +23,26 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .. import examples as ex
 from ..client import WorkflowFailedError, WorkflowRejectedError
 from . import outputs
-from .checks import input_spec, is_local_file, is_upload_input, key_targets, typed_values
+from .checks import (
+    input_spec,
+    is_local_file,
+    is_upload_input,
+    key_targets,
+    typed_values,
+)
 from .jobs import fill
 from .journal import Journal, Row
 from .servers import ComfyBackend, PromptLost, ServerLost
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("FaceBooth.batch")
 
 
 @dataclass
@@ -61,7 +68,7 @@ class Events:
 
 class Dispatcher:
     def __init__(self, journal: Journal, backends: list[ComfyBackend], workflow: Mapping, workflow_name: str,
-                 base_values: Mapping[str, Any], object_info: Mapping, out_dir: Path, settings: Settings = Settings(),
+                 base_values: Mapping[str, Any], object_info: Mapping, out_dir: Path, settings: Settings | None = None,
                  events: Events | None = None,
                  scores_from_entry: Callable[[dict, int], list | None] | None = None):
         self.journal = journal
@@ -71,7 +78,7 @@ class Dispatcher:
         self.base_values = dict(base_values)
         self.object_info = object_info
         self.out_dir = Path(out_dir)
-        self.settings = settings
+        self.settings = settings or Settings()
         self.events = events or Events()
         self.scores_from_entry = scores_from_entry
         self._queue: deque[str] = deque()
@@ -249,7 +256,7 @@ class Dispatcher:
                 self.journal.mark_pending(row.key, refund_attempt=True, note=f"server {row.server} is not in this run")
                 continue
             try:
-                kind, entry = await backend.state(row.prompt_id)
+                kind, _ = await backend.state(row.prompt_id)
                 if kind == "unknown":
                     self.journal.mark_pending(row.key, refund_attempt=True, note="the server never ran it")
                     continue

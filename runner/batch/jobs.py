@@ -16,9 +16,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .. import examples as ex
 
@@ -135,7 +136,7 @@ def load_table(path: str | os.PathLike) -> list[Job]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from exc
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n} must be a JSON object (key -> value)")
+                raise ValueError(f"{path}:{n} must be a JSON object (key -> value)")  # noqa: TRY004 (bad user data)
             rows.append(row)
     elif path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as f:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ..client import OutputImage
 

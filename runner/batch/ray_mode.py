@@ -16,11 +16,12 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .servers import ComfyBackend, ServerLost
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("FaceBooth.batch")
 
 
 def import_ray():
@@ -51,7 +52,7 @@ class ComfyActor:
         def keeper() -> None:
             try:
                 self.server.start()
-            except BaseException as exc:  # reported to __init__ below
+            except BaseException as exc:  # noqa: BLE001 (re-raised by __init__ below)
                 failure.append(exc)
             started.set()
             threading.Event().wait()
@@ -96,13 +97,13 @@ class RayTransport:
     async def request(self, method, path, *, body=None, headers=None, timeout=120.0):
         try:
             return await self.handle.request.remote(method, path, body, dict(headers or {}), timeout)
-        except Exception as exc:  # actor died (RayActorError) or its ComfyUI does not answer (RayTaskError)
+        except Exception as exc:
             raise ServerLost(f"{self.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
     async def wait_end(self, prompt_id: str, timeout: float) -> None:
         try:
             await self.handle.wait_end.remote(prompt_id, timeout)
-        except Exception:
+        except Exception:  # noqa: BLE001 (a latency aid; request() reports a lost actor)
             await asyncio.sleep(min(timeout, 1.0))
 
     async def close(self) -> None:
@@ -119,7 +120,7 @@ class RayCluster:
     @classmethod
     def start(cls, address: str | None = None, *, actors: int | None = None, gpus_per_actor: float = 1.0,
               comfyui_dir: str | None = None, checkpoint: str | None = None, cache_dir: str | None = None,
-              max_restarts: int = 2, init_kwargs: Mapping[str, Any] | None = None) -> "RayCluster":
+              max_restarts: int = 2, init_kwargs: Mapping[str, Any] | None = None) -> RayCluster:
         ray = import_ray()
         owns = not ray.is_initialized()
         if owns:
@@ -159,7 +160,7 @@ class RayCluster:
     def shutdown(self) -> None:
         try:
             self.ray.get([h.stop.remote() for h in self.handles], timeout=60)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (they are killed next anyway)
             log.debug("Ray actors did not stop cleanly: %s", exc)
         for h in self.handles:
             self.ray.kill(h)

@@ -11,9 +11,9 @@ import html
 import io
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from statistics import mean
-from typing import Iterable
 
 from .journal import Row
 
@@ -89,8 +89,9 @@ def render_html(rows: list[Row], title: str) -> str:
         for items in cells.values():
             items.sort(key=lambda t: float("-inf") if t[0] is None else t[0], reverse=True)
     esc = html.escape
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{_STYLE}</style>"
-           f"</head><body><h1>{esc(title)}</h1>",
+    head = (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{_STYLE}</style>"
+            f"</head><body><h1>{esc(title)}</h1>")
+    out = [head,
            "<p>" + ", ".join(f"{n} {s}" for s, n in counts.items() if n) +
            (" &mdash; sorted by ID similarity" if scored else "") + "</p>",
            "<table><tr><th>identity \\ prompt</th>" + "".join(f"<th>{esc(p) or '(workflow prompt)'}</th>" for p in prompts) + "</tr>"]

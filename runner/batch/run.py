@@ -10,9 +10,10 @@ import hashlib
 import json
 import logging
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from . import outputs, report
 from .checks import Problems, check_jobs
@@ -23,7 +24,7 @@ from .progress import Progress
 from .scoring import scores_from_history
 from .servers import ComfyBackend, ServerLost
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("FaceBooth.batch")
 
 
 @dataclass

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from .journal import Journal
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("FaceBooth.batch")
 
 ID_SIMILARITY_NODE = "FaceBoothIDSimilarity"
 

@@ -12,12 +12,19 @@ import json
 import logging
 import urllib.parse
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
-from ..client import OutputImage, WorkflowRejectedError, format_node_errors, listed_images, raise_for_history
+from ..client import (
+    OutputImage,
+    WorkflowRejectedError,
+    format_node_errors,
+    listed_images,
+    raise_for_history,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("FaceBooth.batch")
 
 UPLOAD_SUBFOLDER = "facebooth_batch"
 
@@ -98,7 +105,7 @@ class HttpTransport:
                             self._event(body["prompt_id"]).set()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the websocket is a latency aid; /history stays the truth
+            except Exception as exc:  # noqa: BLE001 (the websocket is a latency aid; /history stays the truth)
                 log.debug("websocket of %s: %s", self.name, exc)
             await asyncio.sleep(1.0)
 

@@ -20,30 +20,18 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from facebooth.runner import examples as ex
 from facebooth.runner.batch.dispatcher import Settings
-from facebooth.runner.batch.jobs import Job, matrix_jobs
+from facebooth.runner.batch.jobs import matrix_jobs
 from facebooth.runner.batch.journal import Journal
 from facebooth.runner.batch.run import BatchSpec, execute
 from facebooth.runner.batch.servers import ComfyBackend, HttpTransport
 from facebooth.runner.server import ComfyServer
+from helpers.batch_workflows import FACES, PROMPTS, TXT2IMG
+from PIL import Image
 
 pytestmark = pytest.mark.integration
 
-TXT2IMG = {
-    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "$CHECKPOINT"}},
-    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "$PROMPT", "clip": ["4", 1]}},
-    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    "3": {"class_type": "KSampler", "inputs": {"seed": "$SEED", "steps": 2, "cfg": 7.0, "sampler_name": "euler",
-                                               "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
-                                               "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
-    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "batch/${WORKFLOW}", "images": ["8", 0]}},
-}
-PROMPTS = ["a portrait photo of a person", "an oil painting of a person"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +57,7 @@ def servers(request, comfyui_dir, facebooth_cache_dir, tmp_path_factory):
 def _start(server, errors):
     try:
         server.start()
-    except BaseException as exc:  # re-raised in the fixture
+    except BaseException as exc:  # noqa: BLE001 (re-raised in the fixture)
         errors.append(exc)
 
 
@@ -184,16 +172,6 @@ def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(servers, comfy_se
     assert sum(r.attempts for r in journal.rows()) == 8
 
 
-FACES = {
-    "1": {"class_type": "LoadImage", "inputs": {"image": "$FACE_IMAGE"}},
-    "2": {"class_type": "FaceBoothFaceAnalyzerTorch", "inputs": {"detector": "mtcnn", "recognizer": "$ARCFACE",
-                                                               "face_parser": "none (landmark hull)",
-                                                               "min_face_size": 20, "device": "cpu"}},
-    "3": {"class_type": "FaceBoothDetectFaces", "inputs": {"face_analyzer": ["2", 0], "image": ["1", 0],
-                                                         "mode": "aligned crop", "which_face": "largest",
-                                                         "face_index": 0, "no_face": "error"}},
-    "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "batch/faces", "images": ["3", 2]}},
-}
 
 
 def test_a_policy_failure_fails_its_job_and_the_batch_goes_on(servers, comfy_setup, tmp_path):
