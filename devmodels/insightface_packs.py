@@ -169,3 +169,122 @@ def _write_files(folder: Path, det_name: str, rec_name: str, seed: int) -> Path:
     return folder
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Real architectures with random weights (for the speed benchmark, not for tests of behaviour)
+# ----------------------------------------------------------------------------------------------
+# buffalo_l's det_10g.onnx is SCRFD-10G-KPS and w600k_r50.onnx an IResNet-50. Speed depends on the architecture,
+# not the values, so random weights of the same shapes time like the real files. The SCRFD score heads get a
+# large negative bias: a random detector then finds nothing instead of thousands of boxes.
+
+
+def _scrfd_10g_module(seed: int = 0):
+    """SCRFD-10G with keypoints, written from its published config: ResNetV1e backbone (deep stem of three 3x3
+    convs 28-28-56, basic blocks 3-4-2-3 with widths 56-88-88-224, average-pool shortcuts), a PAFPN neck on the
+    stride 8/16/32 features (56 channels) and one head per stride (three 3x3 convs of 80 channels with GroupNorm,
+    then 3x3 score / box / keypoint convs for 2 anchors per cell)."""
+    import torch
+    from torch import nn
+
+    def cbr(cin, cout, stride=1, k=3):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(cbr(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+            self.skip = nn.Identity()
+            if stride != 1 or cin != cout:
+                pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
+                self.skip = nn.Sequential(pool, nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.skip(x))
+
+    class SCRFD10G(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(cbr(3, 28, 2), cbr(28, 28), cbr(28, 56), nn.MaxPool2d(3, 2, 1))
+            stages, cin = [], 56
+            for i, (blocks, width) in enumerate(zip((3, 4, 2, 3), (56, 88, 88, 224))):
+                layers = [Block(cin, width, 1 if i == 0 else 2)] + [Block(width, width, 1) for _ in range(blocks - 1)]
+                stages.append(nn.Sequential(*layers))
+                cin = width
+            self.stages = nn.ModuleList(stages)
+            self.lateral = nn.ModuleList(nn.Conv2d(c, 56, 1) for c in (88, 88, 224))
+            self.fpn = nn.ModuleList(nn.Conv2d(56, 56, 3, 1, 1) for _ in range(3))
+            self.down = nn.ModuleList(nn.Conv2d(56, 56, 3, 2, 1) for _ in range(2))
+            self.pafpn = nn.ModuleList(nn.Conv2d(56, 56, 3, 1, 1) for _ in range(2))
+            self.heads = nn.ModuleList()
+            for _ in STRIDES:
+                tower = []
+                for j in range(3):
+                    tower += [nn.Conv2d(56 if j == 0 else 80, 80, 3, 1, 1), nn.GroupNorm(16, 80), nn.ReLU()]
+                head = nn.ModuleDict({
+                    "tower": nn.Sequential(*tower),
+                    "cls": nn.Conv2d(80, NUM_ANCHORS, 3, 1, 1),
+                    "reg": nn.Conv2d(80, 4 * NUM_ANCHORS, 3, 1, 1),
+                    "kps": nn.Conv2d(80, 10 * NUM_ANCHORS, 3, 1, 1),
+                })
+                nn.init.constant_(head["cls"].bias, -12.0)  # random detector: no detections
+                self.heads.append(head)
+
+        def forward(self, x):
+            feats = []
+            x = self.stem(x)
+            for stage in self.stages:
+                x = stage(x)
+                feats.append(x)
+            lat = [conv(f) for conv, f in zip(self.lateral, feats[1:])]
+            for i in (2, 1):
+                lat[i - 1] = lat[i - 1] + nn.functional.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
+            outs = [conv(f) for conv, f in zip(self.fpn, lat)]
+            for i in range(2):
+                outs[i + 1] = outs[i + 1] + self.down[i](outs[i])
+            outs = [outs[0]] + [conv(f) for conv, f in zip(self.pafpn, outs[1:])]
+            scores, boxes, kpss = [], [], []
+            for head, f in zip(self.heads, outs):
+                t = head["tower"](f)
+                flat = lambda y, c: y.permute(0, 2, 3, 1).reshape(-1, c)  # noqa: E731 (row, col, anchor) order
+                scores.append(flat(torch.sigmoid(head["cls"](t)), 1))
+                boxes.append(flat(head["reg"](t), 4))
+                kpss.append(flat(head["kps"](t), 10))
+            return (*scores, *boxes, *kpss)
+
+    torch.manual_seed(seed)
+    return SCRFD10G().eval()
+
+
+def _export_onnx(module, example, path: Path, outputs: list[str], dynamic: dict) -> Path:
+    import torch
+
+    from ..utils.files import atomic_write
+
+    def write(tmp: str) -> None:
+        torch.onnx.export(module, example, tmp, input_names=["input.1"], output_names=outputs, dynamic_axes=dynamic,
+                          opset_version=_OPSET, dynamo=False)
+
+    return atomic_write(path, write)
+
+
+def write_real_architecture_pack(root: str | Path, arcface_state: dict | None = None, seed: int = 0) -> Path:
+    """buffalo_l's layout with SCRFD-10G-KPS (``det_10g.onnx``) and IResNet-50 (``w600k_r50.onnx``) of random weights.
+
+    ``arcface_state``: an arcface_torch IResNet-50 state dict to export (so the PyTorch pipeline can load the same
+    weights and the two pipelines' embeddings can be compared); random when None.
+    """
+    import torch
+
+    from ..pipelines.face.arcface import iresnet, iresnet_from_state_dict
+
+    folder = Path(root) / "models" / "buffalo_l"
+    folder.mkdir(parents=True, exist_ok=True)
+    det_outputs = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in STRIDES]
+    with torch.no_grad():
+        _export_onnx(_scrfd_10g_module(seed), torch.zeros(1, 3, 640, 640), folder / "det_10g.onnx", det_outputs,
+                     {"input.1": {2: "h", 3: "w"}, **{o: {0: f"n_{o}"} for o in det_outputs}})
+        rec = iresnet_from_state_dict(arcface_state) if arcface_state is not None else iresnet(50)
+        _export_onnx(rec.eval(), torch.zeros(1, 3, 112, 112), folder / "w600k_r50.onnx", ["embedding"],
+                     {"input.1": {0: "n"}, "embedding": {0: "n"}})
+    return folder

@@ -126,11 +126,42 @@ def test_grayscale_rgba_and_tiny_inputs():
 def test_huge_images_are_detected_at_reduced_size_and_mapped_back():
     face = face_at(1000, 1500, 600)
     det = ScriptedDetector({5: [face]})
-    a = FaceAnalyzer(detector=det, recognizer=MeanColourRecognizer())
+    a = FaceAnalyzer(detector=det, recognizer=MeanColourRecognizer(), det_size=0)  # no cap: MAX_DETECT_SIDE only
     fs = a.analyze(flat(5, size=3200), crops=("arcface_112",))
     assert max(det.seen_sizes[0]) == 1600
     # the scripted detector answered in the small image's pixels, so the mapped box is twice as large
     assert fs.faces[0].box == tuple(v * 2 for v in face.box)
+
+
+def test_detection_size_cap_like_insightface_det_size():
+    face = face_at(100, 150, 60)
+    det = ScriptedDetector({5: [face]})
+    a = FaceAnalyzer(detector=det, recognizer=MeanColourRecognizer())  # default cap 640, as insightface
+    fs = a.analyze(flat(5, size=1280), crops=("arcface_112",))
+    assert det.seen_sizes == [(640, 640)]
+    assert fs.faces[0].box == tuple(v * 2 for v in face.box)
+    torch.testing.assert_close(fs.faces[0].landmarks, face.landmarks * 2)
+    small = ScriptedDetector({5: []})
+    FaceAnalyzer(detector=small, recognizer=None, det_size=2048).analyze(flat(5, size=512), no_face="skip")
+    assert small.seen_sizes == [(512, 512)]  # never enlarged
+
+
+def test_masks_are_lazy_and_pasted_only_where_the_face_is():
+    """The hull mask is built in the face's crop frame when read; the reference is the oval drawn at full size."""
+    from facebooth.pipelines.face.masks import landmark_hull_mask
+
+    face = face_at(300, 260, 120)
+    a = FaceAnalyzer(detector=ScriptedDetector({5: [face]}), recognizer=None)
+    fs = a.analyze(flat(5, size=512), crops=("arcface_112",))
+    f = fs.faces[0]
+    assert "_mask" in f.__dict__ and not isinstance(f.__dict__["_mask"], torch.Tensor)  # nothing built yet
+    mask = f.mask
+    ref = landmark_hull_mask(face.landmarks, 512, 512)
+    assert mask.shape == (512, 512)
+    assert ((mask > 0.5).float() - ref).abs().mean() < 0.01  # same oval up to the soft edge
+    canvas = torch.zeros(512, 512)
+    f.paste_mask(canvas)
+    torch.testing.assert_close(canvas, mask)
 
 
 def test_identity_is_the_normalised_mean_and_round_trips(tmp_path):

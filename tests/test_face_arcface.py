@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from facebooth.devmodels.face_models import random_arcface_state_dict, write_random_arcface
 from facebooth.pipelines.face.arcface import (
@@ -103,7 +104,7 @@ def test_file_round_trip_gives_the_same_outputs(tmp_path, suffix):
     path = write_random_arcface(tmp_path / f"backbone{suffix}", depth=18, seed=2, dtype=torch.float32, widths=TINY)
     loaded = load_arcface(path)
     x = _crops(2)
-    assert torch.equal(loaded.embed(x), direct.embed(x))
+    torch.testing.assert_close(loaded.embed(x), direct.embed(x), atol=1e-6, rtol=0)
     emb = loaded.embed(x)
     assert emb.shape == (2, 512)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -151,7 +152,7 @@ def test_clear_errors_for_wrong_files(tmp_path):
     state = random_arcface_state_dict(18, widths=TINY)
     state["layer2.0.bn9.weight"] = state.pop("layer2.0.bn3.weight")
     torch.save(state, tmp_path / "renamed.pth")
-    with pytest.raises(ValueError, match=r"missing keys \['layer2.0.bn3.weight'\].*unexpected keys \['layer2.0.bn9.weight'\]"):
+    with pytest.raises(ValueError, match=r"1 missing key\(s\): layer2.0.bn3.weight; 1 unexpected key\(s\): layer2.0.bn9.weight"):
         load_arcface(tmp_path / "renamed.pth")
     # Right keys, a wrong shape.
     state = random_arcface_state_dict(18, widths=TINY)
@@ -195,3 +196,41 @@ def test_config_inference_reads_widths_and_embedding_size():
     cfg = config_from_state_dict(state)
     assert cfg.layers == (3, 4, 6, 3) and cfg.widths == (4, 8, 8, 16) and cfg.num_features == 24
     assert cfg.arch == "iresnet34"
+
+
+def test_folded_batchnorm_keeps_every_stage_output():
+    """The recognizer folds BatchNorm into the convs and fc; a plain unfolded IResNet is the reference."""
+    from facebooth.pipelines.face.arcface import fold_batchnorm
+
+    state = random_arcface_state_dict(18, seed=5, widths=TINY)
+    plain = iresnet_from_state_dict(state)
+    folded = fold_batchnorm(iresnet_from_state_dict(state))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    x = torch.rand(3, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        a, b = plain.prelu(plain.bn1(plain.conv1(x))), folded.prelu(folded.bn1(folded.conv1(x)))
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            a, b = getattr(plain, name)(a), getattr(folded, name)(b)
+            torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(folded(x), plain(x), atol=1e-3, rtol=1e-4)
+    assert fold_batchnorm(folded) is folded  # idempotent (a recognizer built on a folded copy)
+
+
+def test_loading_takes_the_files_float32_tensors_without_a_copy():
+    state = random_arcface_state_dict(18, seed=6, widths=TINY)
+    model = iresnet_from_state_dict(state)
+    assert model.layer1[0].bn1.weight.data_ptr() == state["layer1.0.bn1.weight"].data_ptr()
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_channels_last_inference_equals_nchw_and_gradients_still_flow():
+    rec = ArcFaceRecognizer(iresnet_from_state_dict(random_arcface_state_dict(18, seed=8, widths=TINY)))
+    x = _crops(2)
+    with torch.no_grad():
+        fast = rec.embed(x)  # channels-last path
+        nchw = F.normalize(rec.backbone(((x.permute(0, 3, 1, 2) - 0.5) / 0.5).contiguous()), dim=-1)
+    torch.testing.assert_close(fast, nchw, atol=1e-5, rtol=0)
+    y = x.clone().requires_grad_(True)
+    rec.embed(y).sum().backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0

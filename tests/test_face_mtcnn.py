@@ -281,20 +281,17 @@ def test_min_mode_nms_matches_facenet_numpy_rule():
     assert sorted(ours.tolist()) == sorted(ref.tolist())
 
 
-def test_batched_area_crops_equal_interpolate():
+def test_area_crops_equal_interpolate_and_read_from_a_channels_last_view():
     gen = torch.Generator().manual_seed(5)
-    images = torch.rand(2, 3, 57, 83, generator=gen) * 255
-    from facebooth.pipelines.face.mtcnn import _integral_image
-
-    sat = _integral_image(images)
+    images = torch.rand(2, 57, 83, 3, generator=gen).permute(0, 3, 1, 2)  # the detector's NCHW view of HWC images
     windows = torch.tensor([[0, 0, 83, 57], [5, 7, 30, 40], [10, 3, 19, 10], [60, 20, 83, 57], [1, 1, 2, 2]])
     owner = torch.tensor([0, 1, 0, 1, 0])
     for size in (24, 48):
-        got = crop_resize_area(sat, owner, windows, size)
+        got = crop_resize_area(images, owner, windows, size)
         for k, (x0, y0, x1, y1) in enumerate(windows.tolist()):
-            crop = images[owner[k], :, y0:y1, x0:x1][None]
+            crop = images[owner[k], :, y0:y1, x0:x1][None].contiguous()
             want = F.interpolate(crop, size=(size, size), mode="area")[0]
-            assert torch.allclose(got[k], want, atol=1e-3), k
+            assert torch.allclose(got[k], want, atol=1e-6), k
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

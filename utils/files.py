@@ -77,8 +77,11 @@ class UnsafeFileError(ValueError):
     """A weight file could not be loaded safely."""
 
 
-def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_state_dict_file(path: str | os.PathLike, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a safetensors file or a weights-only torch pickle; never unpickle arbitrary objects.
+
+    ``mmap=True`` memory-maps a zip-format torch file instead of reading it (tensors are then views of the file;
+    old non-zip files are read as usual).
 
     Returns (state_dict, metadata). Pickles that need arbitrary code are refused with a message.
     """
@@ -99,7 +102,12 @@ def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
                 "download it again (python -m facebooth weights fetch) or re-run the step that produced it."
             ) from exc
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:
         raise UnsafeFileError(
             f"{path.name} could not be loaded as a weights-only checkpoint ({type(exc).__name__}: {exc}). "

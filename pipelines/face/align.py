@@ -91,37 +91,50 @@ def ffhq_matrix(landmarks: torch.Tensor, size: int = 512) -> torch.Tensor:
     return estimate_similarity(quad, corners)
 
 
-def warp_affine(image: torch.Tensor, m: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
-    """Warp an (H, W, C) image with source→crop matrix ``m`` into a (size, size, C) crop.
+def _source_window(inv: torch.Tensor, size: int, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """Pixel window (x0, y0, x1, y1), end-exclusive, of the source that a crop of ``size`` reads, plus a 1-px
+    margin for the bilinear taps; None when the crop lies wholly outside the image."""
+    corners = torch.tensor([[-0.5, -0.5], [size - 0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, size - 0.5]], dtype=torch.float64)
+    src = corners @ inv[:, :2].T + inv[:, 2]
+    x0 = max(0, math.floor(float(src[:, 0].min())) - 1)
+    y0 = max(0, math.floor(float(src[:, 1].min())) - 1)
+    x1 = min(width, math.ceil(float(src[:, 0].max())) + 2)
+    y1 = min(height, math.ceil(float(src[:, 1].max())) + 2)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
 
-    Bilinear, zero border. When the crop shrinks the face by more than 2×, the image is first reduced with
-    an antialiased resize so small crops of big photos do not alias.
+
+def warp_affine(image: torch.Tensor, m: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
+    """Warp an (H, W, C) image with source->crop matrix ``m`` into a (size, size, C) crop, values clamped to [0, 1].
+
+    Bilinear, zero border (as cv2.warpAffine with BORDER_CONSTANT). One affine sample per crop, read straight from
+    the source: only the window the crop covers is touched, so the cost follows the crop, not the photo. When the
+    crop shrinks the face by more than 2x, each crop pixel averages k x k bilinear samples (k = ceil(0.5 / scale),
+    at most 2 source pixels apart) so small crops of big photos do not alias.
     """
-    img = image.permute(2, 0, 1)[None].to(torch.float32)
-    m = m.to(torch.float64).clone()
+    m = m.to(torch.float64)
+    h, w, c = image.shape
+    inv = invert_affine(m)  # 2x3 crop -> source; only the matrix is float64, the sampling grid is float32
+    window = _source_window(inv, size, h, w)
+    if window is None:
+        return image.new_zeros(size, size, c)
+    x0, y0, x1, y1 = window
+    roi = image[y0:y1, x0:x1].permute(2, 0, 1)[None].to(torch.float32).contiguous()  # a copy of the window only
     scale = math.sqrt(abs(float(torch.det(m[:, :2]))))
-    if antialias and scale < 0.5:
-        factor = scale * 2.0  # keep about 2 source pixels per crop pixel
-        h, w = img.shape[-2:]
-        nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
-        img = F.interpolate(img, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        # source coords change by the actual per-axis factor (pixel centres: x' = (x + 0.5)·f − 0.5)
-        fx, fy = nw / w, nh / h
-        to_small = torch.tensor([[fx, 0, 0.5 * fx - 0.5], [0, fy, 0.5 * fy - 0.5]], dtype=torch.float64)
-        m = m @ torch.linalg.inv(torch.cat([to_small, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)]))
-    h, w = img.shape[-2:]
-    inv = invert_affine(m)
-    ys, xs = torch.meshgrid(
-        torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij"
-    )
-    grid_pts = torch.stack([xs, ys], dim=-1).reshape(-1, 2)
-    src = grid_pts @ inv[:, :2].T + inv[:, 2]
-    # align_corners=True: -1 and +1 are the centres of the first and last pixels (integer coordinates)
-    gx = src[:, 0] * 2 / max(w - 1, 1) - 1
-    gy = src[:, 1] * 2 / max(h - 1, 1) - 1
-    grid = torch.stack([gx, gy], dim=-1).reshape(1, size, size, 2).to(img.dtype).to(img.device)
-    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out[0].permute(1, 2, 0).to(image.dtype)
+    k = max(1, math.ceil(0.5 / scale)) if antialias and scale < 0.5 else 1
+    # sample positions in crop pixels: k per pixel, centred in the pixel's cell
+    t = (torch.arange(size * k, dtype=torch.float32, device=image.device) + 0.5) / k - 0.5
+    a = inv.to(torch.float32).to(image.device)
+    rw, rh = x1 - x0, y1 - y0
+    # align_corners=True: -1 and +1 are the centres of the window's first and last pixels
+    gx = (t[None, :] * a[0, 0] + t[:, None] * a[0, 1] + (a[0, 2] - x0)) * (2.0 / max(rw - 1, 1)) - 1
+    gy = (t[None, :] * a[1, 0] + t[:, None] * a[1, 1] + (a[1, 2] - y0)) * (2.0 / max(rh - 1, 1)) - 1
+    grid = torch.stack([gx, gy], dim=-1)[None]
+    out = F.grid_sample(roi, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    if k > 1:
+        out = F.avg_pool2d(out, k)
+    return out[0].permute(1, 2, 0).clamp(0, 1).to(image.dtype if image.is_floating_point() else torch.float32)
 
 
 CROP_SIZES = {"arcface_112": 112, "clip_224": 224, "ffhq_512": 512}

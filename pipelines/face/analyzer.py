@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..runtime import NO_HOOKS, RunHooks
 from .align import CROP_SIZES, crop_matrix, template_for, warp_affine
-from .masks import face_mask
+from .masks import LazyMask
 from .types import (
     NO_FACE_POLICIES,
     SELECT_POLICIES,
@@ -25,7 +25,9 @@ from .types import (
 
 log = logging.getLogger(__name__)
 
-# Detectors see at most this many pixels on the long side; huge photos are shrunk for detection only.
+# Detectors see at most det_size pixels on the long side (as insightface's det_size): big photos are shrunk for
+# detection only, and crops are still taken from the full-resolution photo. 0 means no cap below MAX_DETECT_SIDE.
+DEFAULT_DET_SIZE = 640
 MAX_DETECT_SIDE = 1600
 MIN_IMAGE_SIDE = 16
 
@@ -63,7 +65,8 @@ def to_rgb_batch(images: torch.Tensor) -> torch.Tensor:
             f"The image is {images.shape[2]}×{images.shape[1]} px, too small to hold a face. "
             f"Use images of at least {MIN_IMAGE_SIDE} px (faces of 64 px or more work best)."
         )
-    return images.float().clamp(0, 1)
+    # No whole-image copy or clamp: crops are clamped, and detectors check their (small) input for NaN.
+    return images if images.dtype == torch.float32 else images.float()
 
 
 def _left_to_right(faces: list[DetectedFace]) -> list[DetectedFace]:
@@ -103,6 +106,9 @@ class FaceAnalyzer:
     recognizer: Optional[FaceRecognizer]
     parser: Optional[FaceParser] = None
     name: str = "face-analyzer"
+    det_size: int = DEFAULT_DET_SIZE  # long side the detector sees (0: up to MAX_DETECT_SIDE)
+    # Called before the models run (ComfyUI's nodes load the models onto the GPU here); None in plain use.
+    prepare: Optional[Callable[[], None]] = None
 
     @property
     def recognizer_name(self) -> str:
@@ -115,7 +121,8 @@ class FaceAnalyzer:
                 "or load a detector (PyTorch MTCNN weights or an InsightFace pack)."
             )
         h, w = image.shape[:2]
-        scale = min(1.0, MAX_DETECT_SIDE / max(h, w))
+        cap = min(self.det_size, MAX_DETECT_SIDE) if self.det_size and self.det_size > 0 else MAX_DETECT_SIDE
+        scale = min(1.0, cap / max(h, w))
         if scale < 1.0:
             small = F.interpolate(
                 image.permute(2, 0, 1)[None], scale_factor=scale, mode="bilinear", antialias=True, align_corners=False
@@ -147,6 +154,8 @@ class FaceAnalyzer:
             raise ValueError("mode must be 'detect' or 'aligned'.")
         batch = to_rgb_batch(images)
         n = batch.shape[0]
+        if self.prepare is not None:
+            self.prepare()
         faces: list[Face] = []
         missing: list[int] = []
         for i in range(n):
@@ -165,7 +174,7 @@ class FaceAnalyzer:
                 missing.append(i)
             for det in chosen:
                 face_crops = {kind: warp_affine(image, crop_matrix(kind, det.landmarks), CROP_SIZES[kind]) for kind in crops}
-                mask = face_mask(image, det.landmarks, self.parser, face_crops.get("ffhq_512"))
+                mask = LazyMask(image, det.landmarks, self.parser, face_crops.get("ffhq_512"))  # built when read
                 faces.append(
                     Face(image_index=i, box=det.box, score=float(det.score), landmarks=det.landmarks, mask=mask, crops=face_crops)
                 )
@@ -192,6 +201,8 @@ class FaceAnalyzer:
     def embed_images(self, aligned: torch.Tensor) -> torch.Tensor:
         if self.recognizer is None:
             raise FaceInputError("This face analyzer has no recognizer (ArcFace) loaded, so it cannot make identities.")
+        if self.prepare is not None:
+            self.prepare()
         with torch.no_grad():
             return F.normalize(self.recognizer.embed(aligned).float(), dim=-1).cpu()
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...utils.files import load_state_dict_file
+from ...utils.state_dict import load_strict
 
 logger = logging.getLogger(__name__)
 
@@ -174,31 +175,53 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "sta
 
 
 def iresnet_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "state dict") -> IResNet:
-    """Build the IResNet a state dict describes and load it strictly, with readable errors."""
+    """Build the IResNet a state dict describes and load it strictly, with readable errors.
+
+    The network is built on the meta device (no random init) and takes the file's tensors as its parameters
+    (``assign``): float32 tensors, e.g. from a memory-mapped file, are used without a copy.
+    """
     state = _strip_prefix(state)
     config = config_from_state_dict(state, source)
-    model = IResNet(config)
-    expected = model.state_dict()
-    # num_batches_tracked is bookkeeping; some exports drop it.
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match the {config.arch} layout: missing keys {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}. Is this an arcface_torch iresnet backbone.pth?"
-        )
-    for key, value in expected.items():
-        if key in state and tuple(state[key].shape) != tuple(value.shape):
-            raise ValueError(
-                f"{source}: tensor {key} has shape {tuple(state[key].shape)}, but {config.arch} needs "
-                f"{tuple(value.shape)}. The file is damaged or not an arcface_torch iresnet."
-            )
-    full = dict(expected)
-    full.update({k: (v if k.endswith("num_batches_tracked") else v.float()) for k, v in state.items()})
-    model.load_state_dict(full)
-    return model
+    with torch.device("meta"):
+        model = IResNet(config)
+    load_strict(model, state, source=source, network=config.arch, assign=True,
+                hint="Is this an arcface_torch iresnet backbone.pth?")
+    return model.eval()
+
+
+def fold_batchnorm(model: IResNet) -> IResNet:
+    """Fold every BatchNorm that follows a conv or feeds a linear layer into it, in place (eval mode only).
+
+    Outputs, and every stage's output, are unchanged up to float rounding; inference gets faster. The first
+    BatchNorm of each block (``bn1``) precedes a zero-padded conv, so folding it would change the border pixels:
+    it stays. Folded BatchNorms become ``nn.Identity`` so code that walks the stages keeps working.
+    """
+    if getattr(model, "_bn_folded", False):
+        return model
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    with torch.no_grad():
+        model.conv1 = fuse_conv_bn_eval(model.conv1, model.bn1)
+        model.bn1 = nn.Identity()
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for block in getattr(model, name):
+                block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn2)
+                block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn3)
+                block.bn2, block.bn3 = nn.Identity(), nn.Identity()
+                if block.downsample is not None:
+                    block.downsample = nn.Sequential(fuse_conv_bn_eval(block.downsample[0], block.downsample[1]))
+        # bn2 (per channel, before flatten) and features (BatchNorm1d after fc) both fold into fc
+        bn, fc = model.bn2, model.fc
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        per_input = fc.in_features // scale.numel()  # flatten order: channel-major, 7x7 positions each
+        linear = nn.Linear(fc.in_features, fc.out_features, device=fc.weight.device, dtype=fc.weight.dtype)
+        linear.weight.copy_(fc.weight * scale.repeat_interleave(per_input))
+        linear.bias.copy_(fc.bias + fc.weight @ shift.repeat_interleave(per_input))
+        model.fc = fuse_linear_bn_eval(linear.eval(), model.features)
+        model.bn2, model.features = nn.Identity(), nn.Identity()
+    model._bn_folded = True
+    return model.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,11 +247,18 @@ class ArcFaceRecognizer:
         name: Optional[str] = None,
         batch_size: int = 64,
     ) -> None:
-        self.device = torch.device(device) if device is not None else next(backbone.parameters()).device
+        target = torch.device(device) if device is not None else next(backbone.parameters()).device
         self.dtype = dtype
-        self.backbone = backbone.to(self.device, dtype).eval().requires_grad_(False)
+        # Folded BatchNorm: same outputs, faster. In place, so the recognizer holds one copy of the weights.
+        self.backbone = fold_batchnorm(backbone.eval()).to(target, dtype).requires_grad_(False)
+        self.module = self.backbone  # what a host (ComfyUI's ModelPatcher) moves between devices
         self.name = name or f"arcface_{backbone.config.arch}"
         self.batch_size = int(batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone is now (a host may have moved it since loading)."""
+        return next(self.backbone.parameters()).device
 
     @property
     def embedding_dim(self) -> int:
@@ -248,10 +278,14 @@ class ArcFaceRecognizer:
         if not aligned.is_floating_point():
             raise TypeError(f"ArcFace expects float crops in [0, 1], got dtype {aligned.dtype}.")
         outs = []
+        device = self.device
+        # Inference runs channels-last (the crops already are: (N, H, W, 3) permuted), which is faster on CPU. With
+        # autograd, contiguous NCHW: backprop through the convs with channels-last crashes this torch's CPU build.
+        grad = torch.is_grad_enabled() and aligned.requires_grad
+        layout = torch.contiguous_format if grad else torch.channels_last
         for start in range(0, aligned.shape[0], self.batch_size):
-            # contiguous: backprop through the convs with a channels-last view crashes this torch's CPU build
-            x = aligned[start : start + self.batch_size].to(self.device, self.dtype).permute(0, 3, 1, 2).contiguous()
-            outs.append(self.backbone((x - 0.5) / 0.5).float())
+            x = aligned[start : start + self.batch_size].to(device, self.dtype).permute(0, 3, 1, 2)
+            outs.append(self.backbone(((x - 0.5) / 0.5).contiguous(memory_format=layout)).float())
         return torch.cat(outs) if outs else torch.zeros(0, self.embedding_dim, device=self.device)
 
     def embed(self, aligned: torch.Tensor) -> torch.Tensor:
@@ -275,7 +309,8 @@ def load_arcface(
             f"ArcFace weight file {path.name} is missing in folder {path.parent}. Put an arcface_torch "
             "backbone.pth (or a .safetensors conversion) there."
         )
-    state, _ = load_state_dict_file(path)
+    state, _ = load_state_dict_file(path, mmap=True)  # memory-mapped: float32 files are not copied
     backbone = iresnet_from_state_dict(state, source=str(path))
+    del state
     logger.info("Loaded ArcFace %s from %s", backbone.config.arch, path)
     return ArcFaceRecognizer(backbone, device=device, dtype=dtype, name=name)

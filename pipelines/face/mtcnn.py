@@ -211,46 +211,18 @@ def _crop_windows(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return torch.stack([x0, y0, x1, y1], dim=1)
 
 
-def _integral_image(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H+1, W+1, C) float64 summed-area table (exact enough for 8-bit sums)."""
-    compute = images.device if images.device.type != "mps" else torch.device("cpu")  # no float64 on MPS
-    x = images.to(compute, torch.float64).permute(0, 2, 3, 1)
-    sat = torch.zeros(x.shape[0], x.shape[1] + 1, x.shape[2] + 1, x.shape[3], dtype=torch.float64, device=compute)
-    sat[:, 1:, 1:] = x.cumsum(1).cumsum(2)
-    return sat
+def crop_resize_area(images: torch.Tensor, image_index: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
+    """Area-resample crops of (B, C, H, W) ``images`` to (N, C, size, size) float32.
 
-
-def crop_resize_area(
-    sat: torch.Tensor, image_index: torch.Tensor, windows: torch.Tensor, size: int
-) -> torch.Tensor:
-    """Area-resample many crops at once from a summed-area table.
-
-    Equals ``F.interpolate(crop, (size, size), mode="area")`` per crop (each output cell averages the
-    input cells [floor(i*n/size), ceil((i+1)*n/size))), but all crops are done in one gather.
-    Returns (N, C, size, size) float32 on the table's device.
+    Each crop is ``F.interpolate(crop, (size, size), mode="area")`` (adaptive average pooling), as facenet-pytorch
+    does; only the windows are read, never the whole image.
     """
-    windows = windows.to(sat.device)
-    image_index = image_index.to(sat.device)
-    x0, y0, x1, y1 = windows.unbind(1)
-    i = torch.arange(size, device=sat.device)
-    h = (y1 - y0)[:, None]
-    w = (x1 - x0)[:, None]
-    r0 = y0[:, None] + (i * h) // size
-    r1 = y0[:, None] + ((i + 1) * h + size - 1) // size
-    c0 = x0[:, None] + (i * w) // size
-    c1 = x0[:, None] + ((i + 1) * w + size - 1) // size
-    # One flat gather per corner: far faster than 3-tensor advanced indexing.
-    _, hp, wp, channels = sat.shape
-    flat = sat.reshape(-1, channels)
-    base = image_index[:, None, None] * (hp * wp)
-
-    def corner(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return flat[(base + rows[:, :, None] * wp + cols[:, None, :]).reshape(-1)]
-
-    total = corner(r1, c1) - corner(r0, c1) - corner(r1, c0) + corner(r0, c0)
-    count = ((r1 - r0)[:, :, None] * (c1 - c0)[:, None, :]).to(torch.float64).reshape(-1, 1)
-    out = (total / count).reshape(windows.shape[0], size, size, channels)
-    return out.permute(0, 3, 1, 2).float()
+    windows = windows.tolist()
+    owners = image_index.tolist()
+    out = torch.empty(len(windows), images.shape[1], size, size, dtype=torch.float32, device=images.device)
+    for k, ((x0, y0, x1, y1), b) in enumerate(zip(windows, owners)):
+        out[k] = F.adaptive_avg_pool2d(images[b, :, y0:y1, x0:x1].float(), size)
+    return out
 
 
 def pyramid_scales(height: int, width: int, min_face_size: float, factor: float) -> list[float]:
@@ -277,6 +249,10 @@ class MTCNNConfig:
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     factor: float = 0.709
     max_batch: int = 512  # crops per R-Net / O-Net forward, bounds peak memory
+    # True (default): every pyramid level is resampled from the (detection-size) image, as facenet-pytorch does.
+    # False: later levels from the first level, cheaper on big images, but the extra blur loses small faces
+    # (1 of the 8 in insightface's t1.jpg); the analyzer's detection size cap bounds the image instead.
+    exact_pyramid: bool = True
 
     def validate(self) -> None:
         if not self.min_face_size > 0:
@@ -328,14 +304,22 @@ class MTCNNDetector:
         thresholds: Sequence[float] = (0.6, 0.7, 0.7),
         factor: float = 0.709,
         max_batch: int = 512,
+        exact_pyramid: bool = True,
         device: Union[str, torch.device, None] = None,
     ) -> None:
-        self.config = MTCNNConfig(float(min_face_size), tuple(float(t) for t in thresholds), float(factor), int(max_batch))
+        self.config = MTCNNConfig(
+            float(min_face_size), tuple(float(t) for t in thresholds), float(factor), int(max_batch), bool(exact_pyramid)
+        )
         self.config.validate()
-        self.device = torch.device(device) if device is not None else next(pnet.parameters()).device
-        self.pnet = pnet.to(self.device).float().eval().requires_grad_(False)
-        self.rnet = rnet.to(self.device).float().eval().requires_grad_(False)
-        self.onet = onet.to(self.device).float().eval().requires_grad_(False)
+        target = torch.device(device) if device is not None else next(pnet.parameters()).device
+        # One module holding the three nets, so a host (ComfyUI's ModelPatcher) can move them together.
+        self.module = nn.ModuleDict({"pnet": pnet, "rnet": rnet, "onet": onet}).to(target).float().eval().requires_grad_(False)
+        self.pnet, self.rnet, self.onet = self.module["pnet"], self.module["rnet"], self.module["onet"]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the nets are now (a host may have moved them since loading)."""
+        return next(self.pnet.parameters()).device
 
     # -- protocol ----------------------------------------------------------------------------
 
@@ -356,10 +340,9 @@ class MTCNNDetector:
             raise ValueError(f"detect_batch expects (B, H, W, 3) images, got {tuple(images.shape)}.")
         if not images.is_floating_point():
             raise TypeError(f"detect_batch expects float images in [0, 1], got dtype {images.dtype}.")
-        if not torch.isfinite(images).all():
-            raise ValueError("The image contains NaN or infinite values; fix the upstream node that produced it.")
-        # Contiguous NCHW whatever the input strides, so results do not depend on the memory layout.
-        x = (images.to(self.device, torch.float32).permute(0, 3, 1, 2) * 255.0).contiguous()
+        # An NCHW view of the [0, 1] images: no whole-image copy. The x255 scaling happens on the small pyramid
+        # levels and crops; the NaN check on the first level (area pooling carries a NaN into it).
+        x = images.to(self.device, torch.float32).permute(0, 3, 1, 2)
         boxes, scores, points, owner = self._cascade(x)
         result: list[list[DetectedFace]] = [[] for _ in range(x.shape[0])]
         order = torch.argsort(scores, descending=True, stable=True).tolist()
@@ -377,7 +360,7 @@ class MTCNNDetector:
     # -- the three stages ----------------------------------------------------------------------
 
     def _cascade(self, x: torch.Tensor):
-        """x: (B, 3, H, W) in 0..255. Returns boxes (N, 4), scores (N,), points (N, 5, 2), image index (N,)."""
+        """x: (B, 3, H, W) in 0..1. Returns boxes (N, 4), scores (N,), points (N, 5, 2), image index (N,)."""
         cfg = self.config
         _, _, height, width = x.shape
         empty = (
@@ -390,13 +373,12 @@ class MTCNNDetector:
         boxes, scores, owner = self._stage_pnet(x)
         if boxes.shape[0] == 0:
             return empty
-        sat = _integral_image(x)
 
         # R-Net
         boxes, owner = self._drop_empty(boxes, owner, width, height)
         if boxes.shape[0] == 0:
             return empty
-        reg, scores = self._run_batched(self.rnet, sat, owner, _crop_windows(boxes, width, height), 24)
+        reg, scores = self._run_batched(self.rnet, x, owner, _crop_windows(boxes, width, height), 24)
         keep = scores > cfg.thresholds[1]
         boxes, scores, owner, reg = boxes[keep], scores[keep], owner[keep], reg[keep]
         pick = nms(boxes, scores, owner, 0.7)
@@ -407,7 +389,7 @@ class MTCNNDetector:
         boxes, owner = self._drop_empty(boxes, owner, width, height)
         if boxes.shape[0] == 0:
             return empty
-        reg, marks, scores = self._run_batched(self.onet, sat, owner, _crop_windows(boxes, width, height), 48)
+        reg, marks, scores = self._run_batched(self.onet, x, owner, _crop_windows(boxes, width, height), 48)
         keep = scores > cfg.thresholds[2]
         boxes, scores, owner, reg, marks = boxes[keep], scores[keep], owner[keep], reg[keep], marks[keep]
         # Landmarks are relative to the (squared, pre-regression) O-Net input box.
@@ -424,9 +406,18 @@ class MTCNNDetector:
         cfg = self.config
         _, _, height, width = x.shape
         all_boxes, all_scores, all_owner = [], [], []
-        for scale in pyramid_scales(height, width, cfg.min_face_size, cfg.factor):
+        source = x
+        for level, scale in enumerate(pyramid_scales(height, width, cfg.min_face_size, cfg.factor)):
             size = (int(height * scale + 1), int(width * scale + 1))
-            data = (F.interpolate(x, size=size, mode="area") - 127.5) * 0.0078125
+            if cfg.exact_pyramid:  # every level from the full image, as facenet-pytorch
+                level_img = F.interpolate(x, size=size, mode="area")
+            else:  # later levels from the first one (at most 0.36x the image's area), not from the full image
+                level_img = F.interpolate(source, size=size, mode="area").contiguous()
+                if level == 0:
+                    source = level_img
+            if level == 0 and not torch.isfinite(level_img).all():
+                raise ValueError("The image contains NaN or infinite values; fix the upstream node that produced it.")
+            data = (level_img.contiguous() * 255.0 - 127.5) * 0.0078125
             reg, prob = self.pnet(data)
             hit = prob >= cfg.thresholds[0]
             idx = hit.nonzero()  # (n, 3): image, row, col
@@ -458,12 +449,12 @@ class MTCNNDetector:
         ok = (win[:, 2] > win[:, 0]) & (win[:, 3] > win[:, 1])
         return boxes[ok], owner[ok]
 
-    def _run_batched(self, net: nn.Module, sat: torch.Tensor, owner: torch.Tensor, windows: torch.Tensor, size: int):
+    def _run_batched(self, net: nn.Module, images: torch.Tensor, owner: torch.Tensor, windows: torch.Tensor, size: int):
         outs = []
         for start in range(0, windows.shape[0], self.config.max_batch):
             sl = slice(start, start + self.config.max_batch)
-            crops = crop_resize_area(sat, owner[sl], windows[sl], size).to(self.device)
-            outs.append(net((crops - 127.5) * 0.0078125))
+            crops = crop_resize_area(images, owner[sl], windows[sl], size).to(self.device)
+            outs.append(net((crops * 255.0 - 127.5) * 0.0078125))
         return tuple(torch.cat(parts) for parts in zip(*outs))
 
 

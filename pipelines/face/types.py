@@ -8,7 +8,7 @@ corner on the image's left, mouth corner on the image's right.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -39,9 +39,30 @@ class Face:
     box: tuple[float, float, float, float]
     score: float
     landmarks: torch.Tensor  # (5, 2) pixels in the source image
-    mask: torch.Tensor  # (H, W) float in [0, 1], source-image resolution
+    # (H, W) float in [0, 1] at source-image resolution. May be given as a lazy source (an object with ``full()``
+    # and ``paste(canvas)``, see masks.LazyMask): it is then built only when read, at crop size first.
+    mask: Any = field(default=None, repr=False, compare=False)
     crops: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (S, S, 3)
     embedding: Optional[torch.Tensor] = None  # (D,) L2-normalised recognizer output
+
+    def paste_mask(self, canvas: torch.Tensor) -> torch.Tensor:
+        """Max-combine this face's mask into an (H, W) canvas, touching only the face's window when lazy."""
+        source = self.__dict__.get("_mask")
+        if hasattr(source, "paste"):
+            return source.paste(canvas)
+        return torch.maximum(canvas, self.mask.to(canvas.dtype), out=canvas)
+
+
+def _get_mask(self: Face) -> Optional[torch.Tensor]:
+    source = self.__dict__.get("_mask")
+    return source.full() if hasattr(source, "full") else source  # lazy: rebuilt per read, never kept full size
+
+
+def _set_mask(self: Face, value: Any) -> None:
+    self.__dict__["_mask"] = value
+
+
+Face.mask = property(_get_mask, _set_mask)  # type: ignore[assignment]  # after @dataclass: its __init__ sets it
 
 
 @dataclass
