@@ -34,6 +34,7 @@ The runner provides:
 ``CLIP_VISION``     CLIP ViT-L/14 image encoder in ``models/clip_vision`` (random, ComfyUI's layout)
 ``FASTCOMPOSER``    FastComposer-layout ``pytorch_model.bin`` in ``models/facebooth/portraitbooth`` (random)
 ``PORTRAITBOOTH_STEA`` PortraitBooth STEA safetensors in ``models/facebooth/portraitbooth`` (random)
+``SDXL_CHECKPOINT`` an SDXL-family checkpoint (the random KOALA-like one, or ``--set SDXL_CHECKPOINT=NAME``)
 ==================  =====================================================================================
 
 With the random test checkpoint the runner also fills the test-size knobs of ``TEST_SIZE_VALUES`` (64 px,
@@ -100,6 +101,7 @@ EDITOR_DEFAULTS: dict[str, Any] = {
     "CLIP_VISION": "clip-vit-large-patch14.safetensors",
     "FASTCOMPOSER": "fastcomposer/pytorch_model.bin",
     "PORTRAITBOOTH_STEA": "portraitbooth_stea.safetensors",
+    "SDXL_CHECKPOINT": "sd_xl_base_1.0.safetensors",
 }
 
 
@@ -338,6 +340,14 @@ def cached_random_checkpoint(cache_dir: str | os.PathLike | None = None, seed: i
     return write_random_sd15_checkpoint(path, TinySD15Config(seed=seed))
 
 
+def cached_random_sdxl_checkpoint(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Path of the random SDXL-family checkpoint (~1.8 GB) in the cache, generated on first use (minutes on CPU)."""
+    from ..devmodels.sdxl_checkpoint import TinySDXLConfig, checkpoint_name, write_random_sdxl_checkpoint
+
+    path = Path(cache_dir or default_cache_dir()) / "checkpoints" / checkpoint_name(seed)
+    return write_random_sdxl_checkpoint(path, TinySDXLConfig(seed=seed))
+
+
 @dataclass
 class DemoModel:
     """One random face model the runner writes: where (relative to models/), which placeholder names it."""
@@ -466,6 +476,7 @@ def prepare_base_dir(
     comfyui_dir: str | os.PathLike | None = None,
     face_models: bool = True,
     seed: int = 0,
+    sdxl_checkpoint: bool = True,
 ) -> LocalSetup:
     """Lay out a ComfyUI ``--base-directory``: the pack linked into custom_nodes, the checkpoint and the
     random face models linked into models/.
@@ -497,6 +508,11 @@ def prepare_base_dir(
                 )
     _link(ckpt_path.resolve(), models / "checkpoints" / ckpt_path.name)
     checkpoint_name = ckpt_path.name
+
+    if sdxl_checkpoint:  # the random SDXL-family checkpoint for the *_sdxl workflows ($SDXL_CHECKPOINT)
+        sdxl_path = cached_random_sdxl_checkpoint(cache_dir, seed)
+        _link(sdxl_path.resolve(), models / "checkpoints" / sdxl_path.name)
+        subs["SDXL_CHECKPOINT"] = sdxl_path.name
 
     if face_models:
         for model, target in cached_demo_models(cache_dir, seed):
