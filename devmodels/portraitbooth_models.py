@@ -9,7 +9,7 @@
   SD15), a small CLIP vision tower (the official one is ViT-L/14; only its width of 768 after projection
   matters to the post-fuse MLP) and a random post-fuse MLP. Written with ``torch.save`` like the original.
 * ``write_random_stea``: a PortraitBooth STEA .safetensors reading ArcFace features from the random r18
-  backbone the runner writes (layer3 + embedding = 256 + 512).
+  backbone the runner writes (by default the training default, shallow layer2 + layer3 = 128 + 256).
 
 Random weights mean nothing: they exercise loading, shapes and plumbing.
 """

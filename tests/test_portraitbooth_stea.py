@@ -293,7 +293,8 @@ def test_bad_files_are_refused_with_a_message(tmp_path, fc_state):
 
 
 def test_our_stea_file_round_trips_and_loads_fastcomposer_too(tmp_path, fc_state):
-    path = pbm.write_random_stea(tmp_path / "stea.safetensors", arcface_widths=(8, 16, 24, 32), num_features=20)
+    path = pbm.write_random_stea(tmp_path / "stea.safetensors", layers=("layer3", "embedding"), arcface_widths=(8, 16, 24, 32),
+                                 num_features=20)
     sd, meta = load_state_dict_file(path)
     assert meta["method"] == "portraitbooth" and meta["component"] == "stea" and all(k.startswith("stea.") for k in sd)
     model = fcl.load_stea(path)

@@ -4,8 +4,9 @@
         [--parser parsing_bisenet.pth] [--reference-dir refs/] [--resolution 512] [--aligned]
 
 Input: ``raw/<name>.<png|jpg|...>`` with ``raw/<name>.txt`` holding its caption (e.g. "a woman smiling in a park").
-The caption must name the subject with an identity word ("man", "woman", ...); an emotion word ("happy", "sad",
-...) is optional and feeds the ECAC expression term. Per kept image the preparation writes:
+The caption must name the subject with an identity word: "man" or "woman", the paper's class set (its Table 5: broader
+class words do worse; ``--identity-words`` changes it); an emotion word ("happy", "sad", ...) is optional and feeds the
+ECAC expression term. Per kept image the preparation writes:
 
 * ``images/<name>.png``: the training image, centre-cropped to a square and resized to ``--resolution``;
 * ``refs/<name>.png``: the reference face, ArcFace-aligned 112x112 (from ``--reference-dir/<name>.*`` when given,
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parser", default=None, help="BiSeNet face-parsing weights for precise face masks (landmark hull without)")
     p.add_argument("--reference-dir", default=None, help="reference faces <name>.* (e.g. another frame of the person)")
     p.add_argument("--aligned", action="store_true", help="the images are already aligned face crops: no detection")
+    p.add_argument("--identity-words", nargs="+", default=list(IDENTITY_WORDS),
+                   help="class words a caption must name the subject with (paper: man woman; broader sets do worse)")
     return p
 
 
@@ -234,7 +237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser = load_bisenet(args.parser)
     analyzer = FaceAnalyzer(detector=detector, recognizer=None, parser=parser, name="prepare")
     prepare_dataset(args.input, args.output, analyzer, resolution=args.resolution,
-                    mode="aligned" if args.aligned else "detect", reference_dir=args.reference_dir)
+                    mode="aligned" if args.aligned else "detect", reference_dir=args.reference_dir,
+                    identity_words=tuple(args.identity_words))
     return 0
 
 

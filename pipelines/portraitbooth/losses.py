@@ -1,7 +1,9 @@
 """PortraitBooth's training losses (paper Sec. 4.2-4.4): L_total = L_noise + L_loc + L_id.
 
 * ``noise_loss``: the denoising MSE; for the samples chosen (half of them in the paper) only inside the subject's
-  face region, normalised by the region's area so a masked sample weighs as much as a full one.
+  face region. As FastComposer (PortraitBooth's base): the mask multiplies prediction and target and the squared
+  error takes a plain mean over all elements, so a masked sample weighs its face share of a full one. (Dividing by
+  the face area instead would weigh masked samples 4-10x more against the DIP and ECAC terms.)
 * Dynamic identity preservation (DIP), ``dip_identity_loss``: for timesteps t <= R_t (250) the one-step estimate
   x^_0 = (z_t - sqrt(1 - a_t) eps^) / sqrt(a_t) is decoded by the VAE, the face is warped to the ArcFace template with
   a differentiable crop (``grid_sample``, the source->crop matrix from the training image's 5 landmarks) and the loss
@@ -37,19 +39,23 @@ UNCOND_PROB = 0.1
 # basic-emotion and expression words.
 EMOTION_WORDS = ("happy", "sad", "angry", "surprised", "fearful", "disgusted", "neutral", "smiling", "laughing",
                  "crying", "serious")
-IDENTITY_WORDS = ("man", "woman", "person", "boy", "girl", "he", "she")
+# The training class set: the paper trains with {"man", "woman"} (Sec. 5.1) and its Table 5 shows broader class words
+# ({"person"}, {"he", "she"}) do worse. At inference any subject word works; BROAD_IDENTITY_WORDS is the old wider set,
+# kept as an option of the data preparation (--identity-words).
+IDENTITY_WORDS = ("man", "woman")
+BROAD_IDENTITY_WORDS = ("man", "woman", "person", "boy", "girl", "he", "she")
 
 
 def noise_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
                use_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MSE; rows with ``use_mask`` count only inside ``mask`` (B, 1, h, w at latent size), area-normalised."""
-    err = (pred.float() - target.float()) ** 2
-    per_sample = err.mean(dim=(1, 2, 3))
+    """MSE over all elements; rows with ``use_mask`` have prediction and target multiplied by ``mask`` (B, 1, h, w at
+    latent size) first, as FastComposer does."""
+    pred, target = pred.float(), target.float()
     if mask is not None and use_mask is not None and bool(use_mask.any()):
-        m = mask.float().expand_as(err)
-        masked = (err * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3)).clamp(min=1.0)
-        per_sample = torch.where(use_mask.to(err.device), masked, per_sample)
-    return per_sample.mean()
+        rows = use_mask.to(pred.device).reshape(-1, 1, 1, 1)
+        m = torch.where(rows, mask.float().to(pred.device), torch.ones_like(mask, dtype=torch.float32, device=pred.device))
+        pred, target = pred * m, target * m
+    return F.mse_loss(pred, target)
 
 
 def predict_x0(noisy: torch.Tensor, model_output: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,

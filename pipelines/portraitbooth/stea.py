@@ -19,7 +19,12 @@ Identity features:
 - ``arcface`` (PortraitBooth): features of an arcface_torch IResNet. Which layers feed the MLP is
   configurable: shallow stages (``layer1``..``layer4``, global-average-pooled) and/or the deep
   ``embedding``. Each group is L2-normalised and scaled by sqrt(dim) so all groups enter the first
-  LayerNorm at the same scale, whatever the backbone's activation sizes.
+  LayerNorm at the same scale, whatever the backbone's activation sizes. The default is shallow only, as
+  the paper (Sec. 4.1): the deep embedding is trained for recognition, not generation.
+
+Delayed subject conditioning: FastComposer's weights were made to be sampled with the plain text for the
+first ~20 % of the steps (``start_merge_step`` 10 of 50). ``STEAModel.recommended_start_at`` gives that value
+for FastComposer, the value a STEA file stores under ``recommended_start_at`` in its metadata, else 0.
 """
 from __future__ import annotations
 
@@ -34,7 +39,17 @@ from torch import nn
 
 FEATURE_SOURCES = ("clip_image", "arcface")
 ARCFACE_LAYERS = ("layer1", "layer2", "layer3", "layer4", "embedding")
-DEFAULT_ARCFACE_LAYERS = ("layer3", "embedding")  # one shallow (256-d) + the deep identity (512-d) = 768
+# Shallow only (paper Sec. 4.1: recognizer features "are primarily designed for recognition purposes and may not be
+# optimal for generation, we choose to extract only the shallow features"): two mid-level stages, 128 + 256 = 384-d
+# on r18/r50/r100.
+DEFAULT_ARCFACE_LAYERS = ("layer2", "layer3")
+# The other choice, kept as an option (--arcface-layers layer3 embedding): adds the deep identity embedding (512-d).
+# It is invariant to pose, light and expression by design, so it carries identity strongly on small training sets but
+# also pulls the generated face toward the recognizer's notion of identity rather than the reference's appearance.
+SHALLOW_AND_DEEP_LAYERS = ("layer3", "embedding")
+
+START_AT_KEY = "recommended_start_at"  # STEA file metadata: the delayed-conditioning start its weights were made for
+FASTCOMPOSER_START_AT = 0.2  # FastComposer's published inference: text only for the first 10 of 50 steps
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -238,6 +253,20 @@ class STEAModel(nn.Module):
         self.image_encoder = image_encoder
         self.source = source  # where the weights came from, for logs and errors
         self.metadata: dict[str, str] = {}
+
+    @property
+    def recommended_start_at(self) -> float:
+        """The delayed subject conditioning these weights were made for (share of the sampling on plain text)."""
+        stored = self.metadata.get(START_AT_KEY)
+        if stored is not None:
+            try:
+                value = float(stored)
+            except ValueError:
+                value = -1.0
+            if not 0.0 <= value <= 1.0:
+                raise STEAError(f"{self.source or 'This STEA'}: metadata {START_AT_KEY}={stored!r} is not a share between 0 and 1.")
+            return value
+        return FASTCOMPOSER_START_AT if self.metadata.get("method") == "fastcomposer" else 0.0
 
     @property
     def needs_backbone(self) -> bool:

@@ -221,7 +221,7 @@ def _stea():
 
 @check("arcface_stea", "fastcomposer")
 def _arcface():
-    path = pbm.write_random_stea(pb_dir / "stea.safetensors")
+    path = pbm.write_random_stea(pb_dir / "stea.safetensors", layers=("layer3", "embedding"))  # the reference below reads these
     (loaded,) = pbn.STEALoader.execute("stea.safetensors").result
     backbone = iresnet_from_state_dict(face_models.random_arcface_state_dict(18, seed=5))
     analyzer = FaceAnalyzer(detector=None, recognizer=ArcFaceRecognizer(backbone.eval(), device="cpu"), name="t")
