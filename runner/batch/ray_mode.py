@@ -97,7 +97,7 @@ class RayTransport:
     async def request(self, method, path, *, body=None, headers=None, timeout=120.0):
         try:
             return await self.handle.request.remote(method, path, body, dict(headers or {}), timeout)
-        except Exception as exc:
+        except Exception as exc:  # the actor died (RayActorError) or its ComfyUI does not answer (RayTaskError)
             raise ServerLost(f"{self.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
     async def wait_end(self, prompt_id: str, timeout: float) -> None:

@@ -67,7 +67,8 @@ def base_values(comfy_setup):
 
 
 def executions(urls, keys) -> collections.Counter:
-    """How many times each job key was executed, over the servers' whole /history."""
+    """How many times each job key ran to success, over the servers' whole /history (an interrupted run made
+    nothing, so it does not count)."""
     import urllib.request
 
     count = collections.Counter()
@@ -76,7 +77,7 @@ def executions(urls, keys) -> collections.Counter:
             history = json.load(r)
         for entry in history.values():
             job = ((entry["prompt"][3] or {}).get("extra_pnginfo") or {}).get("facebooth_job")
-            if job and job["key"] in keys:
+            if job and job["key"] in keys and (entry.get("status") or {}).get("status_str") == "success":
                 count[job["key"]] += 1
     return count
 
@@ -127,41 +128,72 @@ def _journal_counts(path: Path) -> dict:
 
 def _cli(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "facebooth", *args], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "facebooth", "batch", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(servers, comfy_setup, tmp_path):
+def _run_until(args, journal_path: Path, done: int):
+    """Start the CLI and return it once the journal shows ``done`` jobs done and one running."""
+    proc = _cli(args)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal_path.exists():
+            counts = _journal_counts(journal_path)
+            if counts.get("done", 0) >= done and counts.get("running", 0) >= 1:
+                return proc
+        time.sleep(0.2)
+    raise AssertionError("the batch ended or stalled before it could be stopped:\n" + (proc.stdout.read() if proc.poll() is not None else ""))
+
+
+def _queued_prompt_ids(urls) -> set:
+    import urllib.request
+
+    ids = set()
+    for url in urls:
+        with urllib.request.urlopen(url + "/queue", timeout=60) as r:
+            queue = json.load(r)
+        ids |= {item[1] for item in queue["queue_running"] + queue["queue_pending"]}
+    return ids
+
+
+def test_ctrl_c_then_sigkill_mid_run_then_resume_loses_and_repeats_nothing(servers, comfy_setup, tmp_path):
     wf = tmp_path / "tiny_api.json"
     wf.write_text(json.dumps(TXT2IMG))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS[0] + "\n")
     out = tmp_path / "out"
+    urls = [s.url for s in servers]
     args = [str(wf), "--prompts", str(prompts), "--seeds", "8", "--seed-base", "2000", "--out", str(out),
-            "--checkpoint", comfy_setup.checkpoint_name] + [a for s in servers for a in ("--server", s.url)]
-    first = _cli(args)
+            "--checkpoint", comfy_setup.checkpoint_name] + [a for u in urls for a in ("--server", u)]
     journal_path = out / "journal.sqlite"
-    deadline = time.monotonic() + 240
-    counts: dict = {}
-    while time.monotonic() < deadline and first.poll() is None:
-        if journal_path.exists():
-            counts = _journal_counts(journal_path)
-            if counts.get("done", 0) >= 2 and counts.get("running", 0) >= 1:
-                break
-        time.sleep(0.2)
-    assert first.poll() is None, "the batch ended before it could be killed:\n" + first.stdout.read()
-    first.send_signal(signal.SIGKILL)
-    first.wait(30)
+
+    # Ctrl-C: our prompts leave the servers, the journal keeps them pending, exit status 130.
+    first = _run_until(args, journal_path, done=1)
+    first.send_signal(signal.SIGINT)
+    text, _ = first.communicate(timeout=120)
+    assert first.returncode == 130, text
+    at_stop = _journal_counts(journal_path)
+    print(f"\njournal after Ctrl-C: {at_stop}")
+    assert "running" not in at_stop and at_stop.get("pending", 0) >= 1
+    db = sqlite3.connect(journal_path)
+    ours = {row[0] for row in db.execute("SELECT prompt_id FROM jobs WHERE prompt_id IS NOT NULL")}
+    db.close()
+    assert not ours & _queued_prompt_ids(urls)
+
+    # SIGKILL: nothing can be cleaned up; the journal still knows what was running where.
+    second = _run_until(args, journal_path, done=at_stop.get("done", 0) + 1)
+    second.send_signal(signal.SIGKILL)
+    second.wait(30)
     at_kill = _journal_counts(journal_path)
-    print(f"\njournal at SIGKILL: {at_kill}")
-    assert at_kill.get("done", 0) >= 2 and at_kill.get("done", 0) < 8
+    print(f"journal at SIGKILL: {at_kill}")
+    assert at_kill.get("running", 0) >= 1 and at_kill.get("done", 0) < 8
     for f in (out / "images").iterdir():  # whatever is there under a final name is a whole image
         if not f.name.endswith(".tmp"):
             Image.open(f).load()
 
-    second = _cli(args)
-    log_text, _ = second.communicate(timeout=300)
-    assert second.returncode == 0, log_text
+    third = _cli(args)
+    log_text, _ = third.communicate(timeout=300)
+    assert third.returncode == 0, log_text
     after = _journal_counts(journal_path)
     print(f"journal after resume: {after}")
     assert after == {"done": 8}
