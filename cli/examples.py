@@ -268,6 +268,8 @@ def _run_local(args, workflows: list[Path]) -> int:
 
     try:
         comfyui_dir = check_comfyui_dir(default_comfyui_dir(args.comfyui_dir))
+        if not (args.comfyui_dir or os.environ.get("COMFYUI_DIR")):
+            log.info("Using the ComfyUI this pack is in: %s", comfyui_dir)
     except ComfyUINotFoundError as exc:
         log.error("%s", exc)
         return EXIT_SETUP

@@ -24,7 +24,11 @@ CHROMIUM_FLAGS = (
     "--disable-component-update", "--disable-sync", "--no-first-run",
 )
 # Editor settings for a quiet, reproducible page: no first-run template dialog, no minimap over the graph.
-EDITOR_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
+EDITOR_SETTINGS = {
+    "Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
+    # Thumbnails are zoomed out: keep drawing titles and widgets instead of the low-quality boxes.
+    "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1,
+}
 THUMBNAIL_SIZE = (800, 450)
 
 

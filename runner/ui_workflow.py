@@ -61,6 +61,17 @@ def has_seed_control(name: str, kind: str, opts: Mapping) -> bool:
     return kind == "COMBO" and bool(flag)
 
 
+def _frontend_default(info: dict, name: str, kind: str, opts: dict) -> Any:
+    """The value the editor gives a widget whose input is linked (it keeps a value even then)."""
+    if "default" in opts:
+        return opts["default"]
+    if kind == "COMBO":
+        spec = info.get("input", {}).get("required", {}).get(name) or info.get("input", {}).get("optional", {}).get(name)
+        choices = spec[0] if spec and isinstance(spec[0], list) else opts.get("options") or []
+        return choices[0] if choices else None
+    return {"STRING": "", "BOOLEAN": False}.get(kind, opts.get("min", 0))
+
+
 def _extra_widget_values(name: str, kind: str, opts: dict) -> list[Any]:
     """Values the editor stores after a widget's own value (seed control, image upload)."""
     if has_seed_control(name, kind, opts):
@@ -182,7 +193,7 @@ def api_to_ui(
             if is_widget or is_link or kind not in WIDGET_TYPES:
                 inputs.append(entry)
             if is_widget:
-                widgets.append(value if not is_link else opts.get("default"))
+                widgets.append(value if not is_link else _frontend_default(info, name, kind, opts))
                 widgets.extend(_extra_widget_values(name, kind, opts))
         properties: dict[str, Any] = {"Node name for S&R": node["class_type"]}
         found = _models_for(widgets, models or {})
