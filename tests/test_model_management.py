@@ -63,7 +63,6 @@ def _check_evicted(mm, patcher) -> None:
 def _walk(obj, seen: set, found: dict) -> None:
     """Collect the ModelPatchers, bare modules and tensors reachable from a module-level object."""
     import comfy.model_patcher
-
     from facebooth.nodes.common import ModelCache
 
     if id(obj) in seen:
@@ -110,7 +109,6 @@ def _check_caches(*node_modules) -> None:
 
 def test_face2diffusion_models_are_loaded_and_evicted_by_comfyui(mm, ckpt, tmp_path, monkeypatch):
     import folder_paths
-
     from facebooth.devmodels.face2diffusion_models import write_random_pair
     from facebooth.nodes import face2diffusion as node
     from facebooth.pipelines.face2diffusion import F2DMappingConfig, MSIDConfig
@@ -139,7 +137,6 @@ def test_instantbooth_heads_and_adapters_are_loaded_with_the_unet_and_evicted(mm
     import comfy.clip_vision
     import comfy.sample
     import folder_paths
-
     from facebooth.devmodels.instantbooth_models import (
         TINY_CLIP_VISION,
         random_clip_vision_state_dict,
@@ -192,3 +189,19 @@ def test_portraitbooth_stea_is_loaded_and_evicted(mm, ckpt):
     _check_evicted(mm, stea.patcher)
     _check_caches(node)
 
+
+
+def test_value_path_patch_drops_its_cast_copies_when_moved_off_a_device():
+    """ComfyUI calls ``patch.to(offload_device)`` on every patch of a MODEL it unloads; the V-path patch then keeps
+    its CPU contexts only (it is shared, not copied, between MODEL clones)."""
+    from facebooth.pipelines.personamagic.vpath import ValuePathPatch
+
+    key = torch.randn(77, 8)
+    value = key.clone()
+    value[5] += 1
+    patch = ValuePathPatch([(key, value)])
+    assert patch.match(key.clone().double()) is not None  # a float64 copy is cast and cached for the match
+    assert ("cpu", torch.float64) in patch.groups[0]._cast
+    assert patch.to(torch.float16) is patch and ("cpu", torch.float64) in patch.groups[0]._cast  # dtype moves keep it
+    assert patch.to(torch.device("meta")) is patch and patch.groups[0]._cast == {}
+    assert patch.match(key.clone()) is not None  # still works: recast on use

@@ -75,6 +75,14 @@ class ValuePathPatch:
     def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options; this object is immutable
         return self
 
+    def to(self, device: Any) -> "ValuePathPatch":
+        """Hosts move patches with the model (ComfyUI: ``ModelPatcher.model_patches_to``, also on unload): the
+        contexts stay on the CPU, and cast copies on any other device are dropped, freeing its memory."""
+        if isinstance(device, (str, torch.device)):
+            for g in self.groups:
+                g._cast = {k: v for k, v in g._cast.items() if k[0] == str(torch.device(device))}
+        return self
+
     def __len__(self) -> int:
         return sum(g.keys.shape[0] for g in self.groups)
 
