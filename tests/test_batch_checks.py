@@ -39,7 +39,7 @@ def test_all_problems_are_listed_in_one_pass(tmp_path):
     workflow = dict(WORKFLOW, **{"8": {"class_type": "NoSuchNode", "inputs": {}}})
     jobs = [
         Job(0, {"FACE_IMAGE": "missing.png", "PROMPT": "p", "SEED": 1}),  # file nowhere
-        Job(1, {"FACE_IMAGE": "face.png", "SEED": 2}),  # PROMPT unfilled
+        Job(1, {"FACE_IMAGE": "gone.png", "SEED": 2}),  # PROMPT unfilled, and its file missing too
         Job(2, {"FACE_IMAGE": "face.png", "PROMPT": "p", "SEED": 3, "3.steps": 0}),  # out of range
         Job(3, {"FACE_IMAGE": "face.png", "PROMPT": "p", "SEED": 4, "3.sampler_name": "nope", "NEGATIVE": "x"}),
         Job(4, {"FACE_IMAGE": "face.png", "PROMPT": "p", "SEED": "many"}),
@@ -50,11 +50,12 @@ def test_all_problems_are_listed_in_one_pass(tmp_path):
     assert "missing node type: node 8 is 'NoSuchNode'" in text
     assert "missing file: node 1 (LoadImage) input 'image' = 'missing.png'" in text and "(job 1)" in text
     assert "unfilled placeholder: $PROMPT" in text and "(job 2)" in text
+    assert "input 'image' = 'gone.png' is neither a file here nor in the server's input folder (job 2)" in text
     assert "out of range: node 3 (KSampler) input 'steps' = 0 (allowed 1 .. 10000) (job 3)" in text
     assert "input 'sampler_name' = 'nope' is not one the server lists" in text
     assert "unused column: 'NEGATIVE'" in text
     assert "not a number: node 3 (KSampler) input 'seed' = 'many'" in text
-    assert len(lines) == 7
+    assert len(lines) == 8
 
 
 def test_problems_shared_by_jobs_are_grouped():

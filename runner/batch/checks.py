@@ -21,6 +21,9 @@ from .jobs import Job, fill, split_key
 _WHOLE = re.compile(r"^\$(?:([A-Z][A-Z0-9_]*)|\{([A-Z][A-Z0-9_]*)(?::-[^}]*)?\})$")
 
 
+UNFILLED = "<unfilled placeholder>"
+
+
 def input_spec(object_info: Mapping, class_type: str, name: str) -> tuple[Any, dict] | None:
     """(type, options) of one input as /object_info declares it, or None when the node does not declare it."""
     info = object_info.get(class_type) or {}
@@ -138,8 +141,8 @@ def _ranges(positions: Iterable[int]) -> str:
 
 def _check_value(problems: Problems, position: int, node_id: str, class_type: str, inp: str, value: Any,
                  object_info: Mapping) -> None:
-    if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
-        return  # a link to another node's output
+    if value == UNFILLED or (isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)):
+        return  # reported as an unfilled placeholder, or a link to another node's output
     spec = input_spec(object_info, class_type, inp)
     if spec is None:
         return
@@ -185,10 +188,10 @@ def check_jobs(workflow: Mapping, jobs: list[Job], object_info: Mapping, base_va
         for m in missing:
             problems.add(f"unfilled placeholder: ${m} (give it a column, --set {m}=VALUE, or a matrix option)",
                          job.position)
-        if missing:
-            continue
+        # The rest of the job is still checked: unfilled inputs hold a marker that the value checks skip.
+        stand_in = {**dict.fromkeys(missing, UNFILLED), **base_values}
         try:
-            api = fill(workflow, base_values, typed_values(workflow, object_info, job.values), name=name)
+            api = fill(workflow, stand_in, typed_values(workflow, object_info, job.values), name=name)
         except (KeyError, ValueError) as exc:
             problems.add(str(exc), job.position)
             continue
