@@ -40,6 +40,7 @@ CATEGORY = "FaceBooth/PortraitBooth"
 FOLDER = "facebooth/portraitbooth"
 
 STEAType = io.Custom("FACEBOOTH_STEA")
+AUTO_START_AT = -1.0  # start_at sentinel: the STEA's recommended delayed conditioning (STEAModel.recommended_start_at)
 
 
 @dataclass
@@ -232,9 +233,10 @@ class PortraitBoothConditioning(io.ComfyNode):
                 io.String.Input("subject_words", default="man",
                                 tooltip="The word(s) in the prompt that stand for the person(s), e.g. 'man' or 'man, woman'. "
                                 "A repeated word takes its occurrences in order. A word missing from the prompt is an error."),
-                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.001,
+                io.Float.Input("start_at", default=AUTO_START_AT, min=AUTO_START_AT, max=1.0, step=0.001,
                                tooltip="The identity acts from this fraction of the sampling on; before it the plain text prompt is used. "
-                               "This is FastComposer's delayed subject conditioning (its 'text only fraction'); its published setting is 0.2; 0 = off."),
+                               "This is FastComposer's delayed subject conditioning (its 'text only fraction'). -1 = what the STEA's "
+                               "weights were made for: 0.2 for FastComposer's, a STEA file's own recommended value, else 0. 0 = off."),
                 FaceAnalyzerType.Input("face_analyzer", optional=True,
                                        tooltip="Needed only for STEA files that read shallow ArcFace layers: the Face Analyzer (PyTorch) "
                                        "with the ArcFace the STEA was trained with."),
@@ -247,8 +249,11 @@ class PortraitBoothConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, stea: LoadedSTEA, clip, faces: FaceSet, text: str, subject_words: str, start_at: float = 0.0,
+    def execute(cls, stea: LoadedSTEA, clip, faces: FaceSet, text: str, subject_words: str, start_at: float = AUTO_START_AT,
                 face_analyzer=None, strength: float = 1.0, end_at: float = 1.0, attn_mask=None) -> io.NodeOutput:
+        if start_at < 0:  # auto: the delayed conditioning the weights were made for
+            start_at = stea.model.recommended_start_at
+            log.info("FaceBooth PortraitBooth: %s -> identity from %.2f of the sampling on (its recommended start).", stea.name, start_at)
         check_range(start_at, end_at)
         subjects = parse_subject_words(subject_words)
         tokens = clip.tokenize(text)

@@ -90,3 +90,54 @@ def test_recommended_delayed_conditioning_from_the_weights(tmp_path):
     bad = fcl.save_stea(model, tmp_path / "bad.safetensors", {S.START_AT_KEY: "lots"})
     with pytest.raises(S.STEAError, match="recommended_start_at"):
         fcl.load_stea(bad).recommended_start_at
+
+
+# ------------------------------------------------------------------- the node's start_at default (in-process ComfyUI)
+
+
+def _comfy():
+    import importlib.util
+    import pathlib
+    import sys
+
+    name = "facebooth_test_comfy_inprocess"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def _faces(n: int = 1):
+    import torch.nn.functional as F
+
+    from facebooth.pipelines.face.types import Face, FaceSet
+
+    g = torch.Generator().manual_seed(3)
+    faces = [Face(image_index=i, box=(0.0, 0.0, 64.0, 64.0), score=1.0, landmarks=torch.zeros(5, 2), mask=torch.ones(64, 64),
+                  crops={"clip_224": torch.rand(224, 224, 3, generator=g)}, embedding=F.normalize(torch.randn(512, generator=g), dim=0))
+             for i in range(n)]
+    return FaceSet(images=torch.rand(n, 64, 64, 3, generator=g), faces=faces, missing=[])
+
+
+def _ranges(conditioning) -> list[tuple[float, float]]:
+    return [(round(d.get("start_percent", 0.0), 6), round(d.get("end_percent", 1.0), 6)) for _, d in conditioning]
+
+
+@pytest.mark.slow
+def test_conditioning_node_starts_the_identity_where_the_weights_recommend(tmp_path):
+    comfy = _comfy()
+    comfy.import_comfy()
+    _, clip, _ = comfy.load_checkpoint()
+    from facebooth.nodes import portraitbooth as pbn
+
+    deep = pbm.random_postfuse(feature_dim=512, seed=4, source="arcface", layers=("embedding",))
+    stored = fcl.load_stea(fcl.save_stea(deep, tmp_path / "s.safetensors", {S.START_AT_KEY: 0.35}))
+    plain = fcl.load_stea(fcl.save_stea(deep, tmp_path / "p.safetensors"))
+    text = "a photo of a man"
+    with torch.inference_mode():
+        run = lambda stea, *a: pbn.PortraitBoothConditioning.execute(pbn._wrap(stea, "x"), clip, _faces(), text, "man", *a).result[0]
+        assert _ranges(run(_fastcomposer_stea())) == [(0.0, 0.2), (0.2, 1.0)]  # FastComposer: text only for the first 20 %
+        assert _ranges(run(stored)) == [(0.0, 0.35), (0.35, 1.0)]  # the file's own value
+        assert _ranges(run(plain)) == [(0.0, 1.0)]  # no recommendation: identity throughout
+        assert _ranges(run(_fastcomposer_stea(), 0.0)) == [(0.0, 1.0)]  # an explicit value wins
