@@ -95,6 +95,8 @@ class Protocol:
         word = self.class_word_for(subject)
         replacement = word if self.placeholder_replacement is None else self.placeholder_replacement
         text = prompt.replace("{class}", word)
+        # ComfyUI's embedding syntax always names the learned subject (Cross Initialization, textual inversion)
+        text = _EMBEDDING.sub(lambda _m: replacement, text)
         for trig in sorted({t for t in (*triggers, self.placeholder or "") if t}, key=len, reverse=True):
             text = text.replace(trig, replacement)
         return _squash(text)
@@ -109,6 +111,9 @@ class Protocol:
 
     def with_overrides(self, **changes: Any) -> "Protocol":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+_EMBEDDING = re.compile(r"\(?embedding:[^\s,()]+(?::[0-9.]+)?\)?")
 
 
 def _squash(text: str) -> str:

@@ -134,9 +134,10 @@ def tradeoff_plot(protocol: Protocol, groups: Sequence[GroupSummary], path: Path
     if paper:
         ax.scatter([r.values["text"] for r in paper], [r.values["identity"] for r in paper], marker="s",
                    facecolors="none", edgecolors="0.45", s=60, label=f"paper ({protocol.reported_table.split(' (')[0] or 'reported'})")
-        for r in paper:
+        for i, r in enumerate(sorted(paper, key=lambda r: (r.values["text"], r.values["identity"]))):
+            dy = (-10, 5, -18, 13)[i % 4]  # staggered so neighbouring labels do not print over each other
             ax.annotate(_label(r.method, r.setting), (r.values["text"], r.values["identity"]), fontsize=7, color="0.35",
-                        xytext=(4, -9), textcoords="offset points")
+                        xytext=(5, dy), textcoords="offset points")
     ours = [g for g in groups if not (math.isnan(g.text) or math.isnan(g.identity))]
     cmap = plt.get_cmap("tab10")
     for i, g in enumerate(ours):
