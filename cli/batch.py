@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,10 @@ import tempfile
 from pathlib import Path
 
 from ..runner import examples as ex
+from .examples import (  # one --set / --device rule for both commands
+    _parse_sets as parse_sets,
+)
+from .examples import _want_cpu
 
 log = logging.getLogger("FaceBooth.batch")
 
@@ -88,19 +91,6 @@ def resolve_workflow(spec: str) -> Path:
     raise FileNotFoundError(f"Workflow {spec!r} is neither a file nor an example ({', '.join(names)}).")
 
 
-def parse_sets(items: list[str]) -> dict:
-    values = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected NAME=VALUE")
-        name, raw = item.split("=", 1)
-        try:
-            values[name.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[name.strip()] = raw
-    return values
-
-
 def build_jobs(args) -> list:
     from ..runner.batch import jobs as jobspec
 
@@ -119,17 +109,6 @@ def build_jobs(args) -> list:
         shown = ", ".join(f"{a + 1}={b + 1}" for a, b in dups[:10])
         raise ValueError(f"Identical jobs (rows {shown}); each job must differ, e.g. by SEED.")
     return found
-
-
-def _want_cpu(device: str) -> bool:
-    if device != "auto":
-        return device == "cpu"
-    try:
-        import torch
-
-        return not torch.cuda.is_available()
-    except ImportError:
-        return True
 
 
 def run(args) -> int:
