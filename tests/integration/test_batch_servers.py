@@ -122,6 +122,8 @@ def _journal_counts(path: Path) -> dict:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
         return dict(db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+    except sqlite3.Error:  # the journal is being created
+        return {}
     finally:
         db.close()
 
@@ -266,8 +268,13 @@ def test_killed_server_hands_its_jobs_to_the_other(servers, base_values, tmp_pat
         while time.monotonic() < deadline:
             if path.exists():
                 db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-                busy = db.execute("SELECT COUNT(*) FROM jobs WHERE status='running' AND server=?", (b.url,)).fetchone()[0]
-                db.close()
+                try:
+                    busy = db.execute("SELECT COUNT(*) FROM jobs WHERE status='running' AND server=?",
+                                      (b.url,)).fetchone()[0]
+                except sqlite3.Error:  # the journal is being created
+                    busy = 0
+                finally:
+                    db.close()
                 if busy:
                     os.killpg(b.proc.pid, signal.SIGKILL)
                     killed.set()
