@@ -1,15 +1,12 @@
 """Face2Diffusion training scripts on tiny synthetic data: they learn, write files loading.py reads, and resume."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from facebooth.pipelines.face2diffusion import (
     IdentityTokens,
     MSIDConfig,
@@ -22,6 +19,8 @@ from facebooth.pipelines.face2diffusion import (
 from facebooth.training import f2d_data
 from facebooth.training.train_f2d_mapping import cgdr_loss, cgdr_target, latent_mask
 from facebooth.training.train_f2d_msid import ArcFaceHead
+from helpers.tiny_training import save_png as _save_png
+from helpers.tiny_training import write_clip_tokenizer
 
 pytest.importorskip("accelerate")
 diffusers = pytest.importorskip("diffusers")
@@ -31,11 +30,6 @@ MSID_ARGS = [
     "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "4", "--num-heads", "2",
     "--feature-blocks", "0", "1", "2", "3", "--batch-size", "8", "--lr-schedule", "constant",
 ]
-
-
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
 @pytest.fixture(scope="module")
@@ -158,31 +152,8 @@ WORDS = ["a", "photo", "of", "f", "l", "person"]
 
 
 def _write_tiny_tokenizer(folder: Path) -> int:
-    """A real CLIP BPE tokenizer (vocab.json + merges.txt) over a handful of words; returns the vocab size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab: dict[str, int] = {}
-
-    def add(tok: str) -> None:
-        vocab.setdefault(tok, len(vocab))
-
-    for c in sorted(set("".join(WORDS))):
-        add(c)
-        add(c + "</w>")
-    merges: list[str] = []
-    for w in WORDS:
-        syms = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = syms[0]
-        for s in syms[1:]:
-            m = f"{cur} {s}"
-            if m not in merges:
-                merges.append(m)
-            cur += s
-            add(cur)
-    add("<|startoftext|>")
-    add("<|endoftext|>")
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return len(vocab)
+    """A real CLIP BPE tokenizer over WORDS; returns the vocab size (also used by test_f2d_node_comfy)."""
+    return write_clip_tokenizer(folder, WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from facebooth.devmodels.instantbooth_models import TINY_CLIP_VISION, random_clip_vision_state_dict
+from facebooth.devmodels.instantbooth_models import (
+    TINY_CLIP_VISION,
+    random_clip_vision_state_dict,
+)
 from facebooth.pipelines.instantbooth import load_instantbooth
 from facebooth.training import f2d_data
 from facebooth.training.train_instantbooth import (
@@ -20,6 +21,8 @@ from facebooth.training.train_instantbooth import (
     load_clip_vision,
     main,
 )
+from helpers.tiny_training import write_clip_tokenizer
+from PIL import Image
 
 pytest.importorskip("accelerate")
 diffusers = pytest.importorskip("diffusers")
@@ -28,35 +31,12 @@ transformers = pytest.importorskip("transformers")
 WORDS = ["a", "photo", "of", "sks", "person", "woman", "man", "in", "the", "kitchen", "red", "square"]
 
 
-def _write_tokenizer(folder: Path) -> int:
-    """A real CLIP BPE tokenizer over a handful of words (every word one token)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab: dict[str, int] = {}
-    for c in sorted(set("".join(WORDS))):
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges: list[str] = []
-    for w in WORDS:
-        syms = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = syms[0]
-        for s in syms[1:]:
-            if f"{cur} {s}" not in merges:
-                merges.append(f"{cur} {s}")
-            cur += s
-            vocab.setdefault(cur, len(vocab))
-    vocab.setdefault("<|startoftext|>", len(vocab))
-    vocab.setdefault("<|endoftext|>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return len(vocab)
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ib_models")
     torch.manual_seed(0)
     sd = root / "sd"
-    vocab = _write_tokenizer(sd / "tokenizer")
+    vocab = write_clip_tokenizer(sd / "tokenizer", WORDS)
     tok = transformers.CLIPTokenizer.from_pretrained(str(sd / "tokenizer"), model_max_length=77)
     tok.save_pretrained(str(sd / "tokenizer"))
     transformers.CLIPTextModel(transformers.CLIPTextConfig(

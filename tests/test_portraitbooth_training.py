@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from facebooth.pipelines.face.align import crop_matrix, template_for, warp_affine
 from facebooth.pipelines.face.analyzer import FaceAnalyzer
 from facebooth.pipelines.face.arcface import IResNet, IResNetConfig
@@ -21,6 +19,8 @@ from facebooth.pipelines.portraitbooth.stea import fuse_rows_per_sample
 from facebooth.training import f2d_data
 from facebooth.training import portraitbooth_data as pdata
 from facebooth.utils.files import atomic_save_safetensors
+from helpers.tiny_training import save_png as _save_png
+from helpers.tiny_training import write_clip_tokenizer
 
 pytest.importorskip("accelerate")
 diffusers = pytest.importorskip("diffusers")
@@ -127,7 +127,11 @@ def test_per_sample_fusion_changes_only_active_rows():
 
 
 def test_attention_probe_keeps_the_unet_output_and_records_token_maps():
-    from facebooth.training.train_portraitbooth import AttentionProbe, install_probe, probed_layer_names
+    from facebooth.training.train_portraitbooth import (
+        AttentionProbe,
+        install_probe,
+        probed_layer_names,
+    )
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
@@ -154,11 +158,6 @@ def test_attention_probe_keeps_the_unet_output_and_records_token_maps():
 
 
 # ------------------------------------------------------------------------------------------- data
-
-
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
 @pytest.fixture(scope="module")
@@ -206,33 +205,11 @@ def test_dataset_preparation_and_items(prepared):
 # ------------------------------------------------------------------------------------------- the script
 
 
-def _write_tiny_tokenizer(folder: Path) -> None:
-    """A real CLIP BPE tokenizer (vocab.json + merges.txt) over the test's words."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab: dict[str, int] = {}
-    merges: list[str] = []
-    for c in sorted(set("".join(WORDS))):
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    for w in WORDS:
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = pieces[0]
-        for p in pieces[1:]:
-            if f"{cur} {p}" not in merges:
-                merges.append(f"{cur} {p}")
-            cur += p
-            vocab.setdefault(cur, len(vocab))
-    vocab.setdefault("<|startoftext|>", len(vocab))
-    vocab.setdefault("<|endoftext|>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-
-
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_sd_pb")
     torch.manual_seed(0)
-    _write_tiny_tokenizer(root / "tokenizer")
+    write_clip_tokenizer(root / "tokenizer", WORDS)
     tok = transformers.CLIPTokenizer.from_pretrained(str(root / "tokenizer"), model_max_length=77)
     tok.save_pretrained(str(root / "tokenizer"))
     transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -262,9 +239,8 @@ def _args(tiny_sd: Path, data: Path, out: Path, steps: int, *extra: str) -> list
 
 @pytest.mark.slow
 def test_training_runs_writes_loadable_files_and_resumes_exactly(tiny_sd, prepared, tmp_path):
-    from safetensors.torch import load_file
-
     from facebooth.training.train_portraitbooth import main
+    from safetensors.torch import load_file
 
     straight = tmp_path / "straight"
     assert main(_args(tiny_sd, prepared, straight, 4, "--lr", "1e-3")) == 0
@@ -308,10 +284,9 @@ def test_training_learns_on_tiny_data(tiny_sd, prepared, tmp_path):
     """The script's objective at fixed noise, timesteps and sample modes falls after a short run, evaluated with the
     files it writes (the UNet read back through diffusers' own LDM converter)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from safetensors.torch import load_file
-
     from facebooth.pipelines.face.arcface import load_arcface
     from facebooth.training import train_portraitbooth as tp
+    from safetensors.torch import load_file
 
     def evaluate(run: Path) -> dict[str, float]:
         args = tp.build_parser().parse_args(_args(tiny_sd, prepared, run, 1))
@@ -321,7 +296,7 @@ def test_training_learns_on_tiny_data(tiny_sd, prepared, tmp_path):
                                                          dict(unet.config)))
         probe = tp.AttentionProbe()
         tp.install_probe(unet, probe, "all")
-        batch, g, noise, t, modes = _fixed_eval_inputs(prepared)
+        batch, _, noise, t, modes = _fixed_eval_inputs(prepared)
         with torch.no_grad():
             out = tp.training_losses(batch, stea=load_stea(run / "stea.safetensors"), unet=unet.eval(), vae=vae, text_encoder=te,
                                      captions=tp.CaptionEncoder(tok), backbone=load_arcface(tiny_sd / "arcface.safetensors").backbone,
@@ -358,7 +333,7 @@ def test_every_loss_term_pulls_its_way(tiny_sd, prepared):
     stea = STEAModel(STEAConfig(text_dim=32, feature_dim=16 + 20, hidden_dim=32, feature_source="arcface",
                                 arcface_layers=("layer2", "embedding")))
     backbone = load_arcface(tiny_sd / "arcface.safetensors").backbone
-    batch, g, noise, t, modes = _fixed_eval_inputs(prepared)
+    batch, _, noise, t, modes = _fixed_eval_inputs(prepared)
     params = list(unet.parameters()) + list(stea.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
     history = []

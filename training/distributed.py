@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # --- launch -------------------------------------------------------------------------------------------------
 
 
-def check_world_size(num_processes: int, environ: Optional[dict] = None) -> None:
+def check_world_size(num_processes: int, environ: dict | None = None) -> None:
     """Refuse when the launcher started ``WORLD_SIZE`` processes but accelerate joined a different number.
 
     ``accelerate launch --multi_gpu`` on a machine without a usable distributed backend (e.g. no CUDA and no
@@ -112,7 +112,7 @@ class RandomSlot:
     """Where the training loop puts the current step's :class:`SampleRandom` for modules that draw inside forward."""
 
     def __init__(self) -> None:
-        self.current: Optional[SampleRandom] = None
+        self.current: SampleRandom | None = None
 
 
 class PerSampleDropout(nn.Module):
@@ -210,11 +210,13 @@ def sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
 def _to_global_bn(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-        new.load_state_dict(module.state_dict())
+        # the very same parameters and buffers (an optimizer built before the conversion keeps training them)
+        for name, p in module.named_parameters(recurse=False):
+            setattr(new, name, p)
+        for name, b in module.named_buffers(recurse=False):
+            setattr(new, name, b)
         new.train(module.training)
-        new.requires_grad_(any(p.requires_grad for p in module.parameters()) if module.affine else False)
-        tensors = list(module.state_dict().values())
-        return new.to(tensors[0].device) if tensors else new
+        return new
     for key, child in list(module.named_children()):
         setattr(module, key, _to_global_bn(child))
     return module

@@ -14,44 +14,36 @@ metadata), written atomically; nothing is pickled, so resuming never unpickles a
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..pipelines.face2diffusion.expression import EXPRESSION_DIM
+from .datafiles import IMAGE_EXTS, find_by_stem, list_images, read_gray, read_rgb
+
 # Shared run scaffolding, re-exported for the scripts and tests that import it from here.
 from .run_state import (  # noqa: F401
     StepBatches,
+    append_log,
     checkpoint_dir,
     latest_checkpoint,
+    load_run_state,
+    read_log,
     resolve_resume,
     save_run_state,
-    load_run_state,
-    append_log,
-    read_log,
     truncate_log,
 )
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-
 
 def load_rgb(path: Path, size: int) -> torch.Tensor:
     """Image file -> (3, size, size) float in [-1, 1] (resized with bicubic when it is not already that size)."""
-    img = Image.open(path).convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return x * 2 - 1
+    return read_rgb(path, size).permute(2, 0, 1) * 2 - 1
 
 
 class IdentityFolderDataset:
@@ -65,7 +57,7 @@ class IdentityFolderDataset:
         self.identities: list[str] = []
         self.items: list[tuple[Path, int]] = []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            images = _list_images(folder)
+            images = list_images(folder)
             if not images:
                 continue
             label = len(self.identities)
@@ -94,16 +86,6 @@ class IdentityFolderDataset:
         return {"pixels": torch.stack([p for p, _ in pairs]), "labels": torch.tensor([lab for _, lab in pairs])}
 
 
-def _find_by_stem(folder: Optional[Path], stem: str, exts: Iterable[str]) -> Optional[Path]:
-    if folder is None:
-        return None
-    for ext in exts:
-        p = folder / f"{stem}{ext}"
-        if p.is_file():
-            return p
-    return None
-
-
 class FaceMappingDataset:
     """Face images for mapping training with their identity crops, masks and expression coefficients."""
 
@@ -125,13 +107,13 @@ class FaceMappingDataset:
                 raise FileNotFoundError(f"The {name} folder {folder} does not exist.")
         self.resolution = resolution
         self.crop_size = crop_size
-        self.images = _list_images(self.image_dir)
+        self.images = list_images(self.image_dir)
         if not self.images:
             raise ValueError(f"No images ({', '.join(IMAGE_EXTS)}) in {self.image_dir}.")
         self.crops: list[Path] = []
         missing = []
         for img in self.images:
-            crop = _find_by_stem(self.crop_dir, img.stem, IMAGE_EXTS)
+            crop = find_by_stem(self.crop_dir, img.stem, IMAGE_EXTS)
             if crop is None:
                 missing.append(img.stem)
             else:
@@ -141,8 +123,8 @@ class FaceMappingDataset:
                 f"{len(missing)} image(s) have no 112x112 ArcFace-aligned crop with the same file name in {self.crop_dir} "
                 f"(first: {missing[0]}). Make the crops with the face-analysis step, one per training image."
             )
-        self.masks = [_find_by_stem(self.mask_dir, p.stem, IMAGE_EXTS + (".npy",)) for p in self.images]
-        self.expressions = [_find_by_stem(self.expression_dir, p.stem, (".npy",)) for p in self.images]
+        self.masks = [find_by_stem(self.mask_dir, p.stem, IMAGE_EXTS + (".npy",)) for p in self.images]
+        self.expressions = [find_by_stem(self.expression_dir, p.stem, (".npy",)) for p in self.images]
         if self.mask_dir is not None:
             n = sum(m is None for m in self.masks)
             if n:
@@ -160,7 +142,7 @@ class FaceMappingDataset:
         if path.suffix == ".npy":
             m = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
         else:
-            m = torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)
+            m = read_gray(path)
         if m.ndim != 2:
             raise ValueError(f"Mask {path} must be a single-channel image or a 2-D array.")
         m = (m >= 0.5).float()[None, None]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ class TrainingRun:
         info = read_run_info(self.resume_from) if self.resume_from is not None else None
         self.batch_size = keep_global_batch(info, args.batch_size, self.world, self.accum)
         self.step = 0
-        self.batches: Optional[StepBatches] = None
+        self.batches: StepBatches | None = None
 
     # --- setup -------------------------------------------------------------------------------------------------
 
@@ -105,7 +106,7 @@ class TrainingRun:
     # --- the loop ----------------------------------------------------------------------------------------------
 
     def save(self, step: int, modules: dict[str, nn.Module], optimizer, write_outputs: Callable[[int], None],
-             extra: Optional[dict] = None) -> None:
+             extra: dict | None = None) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         state = {"world_size": self.world, "batch_size": self.batch_size, "gradient_accumulation_steps": self.accum,
@@ -135,7 +136,7 @@ class TrainingRun:
         save: Callable[[int], None],
         lr_keys: Sequence[str] = ("lr",),
         sums: Sequence[str] = (),
-        evaluate: Optional[Callable[[], float]] = None,
+        evaluate: Callable[[], float] | None = None,
         eval_every: int = 0,
         hint: str = "lower the learning rate or use --mixed-precision no.",
     ) -> int:
@@ -169,7 +170,7 @@ class TrainingRun:
             scheduler.step()
             step += 1
             self.step = step
-            record: Optional[dict] = None
+            record: dict | None = None
             if step % args.log_every == 0 or step == max_steps:
                 record = {"step": step, **self.reduce_record(totals, sums), **lrs}
             if eval_on and (step % eval_every == 0 or step == max_steps) and self.is_main:

@@ -22,8 +22,9 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,14 +33,14 @@ import torch.nn.functional as F
 from ..pipelines.face.analyzer import FaceAnalyzer
 from ..pipelines.portraitbooth.losses import EMOTION_WORDS, IDENTITY_WORDS
 from ..pipelines.runtime import NO_HOOKS, RunHooks
+from .datafiles import IMAGE_EXTS, find_by_stem, list_images, read_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FLIP_LANDMARKS = [1, 0, 2, 4, 3]  # mirrored image: left/right eye and mouth corners swap
 
 
-def find_word(caption: str, words: Sequence[str]) -> Optional[str]:
+def find_word(caption: str, words: Sequence[str]) -> str | None:
     """The word of ``words`` that occurs first in the caption (whole words, case-insensitive)."""
     best = None
     for w in words:
@@ -47,13 +48,6 @@ def find_word(caption: str, words: Sequence[str]) -> Optional[str]:
         if m and (best is None or m.start() < best[0]):
             best = (m.start(), w)
     return best[1] if best else None
-
-
-def load_rgb(path: Path) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
 
 
 def save_rgb(image: torch.Tensor, path: Path) -> None:
@@ -82,16 +76,6 @@ def square_resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return crop[0].permute(1, 2, 0).clamp(0, 1)
 
 
-def _find_image(folder: Optional[Path], stem: str) -> Optional[Path]:
-    if folder is None:
-        return None
-    for ext in IMAGE_EXTS:
-        p = folder / f"{stem}{ext}"
-        if p.is_file():
-            return p
-    return None
-
-
 def prepare_dataset(
     input_dir: str | Path,
     output_dir: str | Path,
@@ -107,7 +91,7 @@ def prepare_dataset(
     """Write the prepared dataset (see the module docstring); returns the index."""
     src, out = Path(input_dir), Path(output_dir)
     refs_src = Path(reference_dir) if reference_dir else None
-    images = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTS) if src.is_dir() else []
+    images = list_images(src) if src.is_dir() else []
     if not images:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) in {src}. Put <name>.png with <name>.txt captions there.")
     kept: list[str] = []
@@ -124,16 +108,16 @@ def prepare_dataset(
         if identity is None:
             skipped[stem] = f"caption names none of {list(identity_words)}"
             continue
-        image = square_resize(load_rgb(path), resolution)
+        image = square_resize(read_rgb(path), resolution)
         faces = analyzer.analyze(image, mode=mode, select="largest", no_face="skip", crops=("arcface_112",), embed=False)
         if not faces.faces:
             skipped[stem] = "no face found"
             continue
         face = faces.faces[0]
         ref_crop = face.crops["arcface_112"]
-        ref_path = _find_image(refs_src, stem)
+        ref_path = find_by_stem(refs_src, stem)
         if ref_path is not None:
-            ref_faces = analyzer.analyze(load_rgb(ref_path), mode=mode, select="largest", no_face="skip",
+            ref_faces = analyzer.analyze(read_rgb(ref_path), mode=mode, select="largest", no_face="skip",
                                          crops=("arcface_112",), embed=False)
             if not ref_faces.faces:
                 skipped[stem] = f"no face in the reference image {ref_path.name}"
@@ -163,7 +147,7 @@ class PortraitBoothDataset:
     """Reads a prepared folder. Items: pixel_values (3, R, R) in [-1, 1], ref (112, 112, 3) in [0, 1],
     mask (R, R) in [0, 1], landmarks (5, 2) at resolution R, caption / identity_word / expression_word."""
 
-    def __init__(self, root: str | Path, resolution: Optional[int] = None) -> None:
+    def __init__(self, root: str | Path, resolution: int | None = None) -> None:
         self.root = Path(root)
         index_file = self.root / "index.json"
         if not index_file.is_file():
@@ -180,9 +164,9 @@ class PortraitBoothDataset:
 
     def get(self, i: int, flip: bool = False) -> dict[str, Any]:
         stem, meta = self.items[i], self.meta[i]
-        image = load_rgb(self.root / "images" / f"{stem}.png")
-        mask = load_rgb(self.root / "masks" / f"{stem}.png")[..., 0]
-        ref = load_rgb(self.root / "refs" / f"{stem}.png")
+        image = read_rgb(self.root / "images" / f"{stem}.png")
+        mask = read_rgb(self.root / "masks" / f"{stem}.png")[..., 0]
+        ref = read_rgb(self.root / "refs" / f"{stem}.png")
         landmarks = torch.tensor(meta["landmarks"], dtype=torch.float32)
         r = self.resolution
         if r != image.shape[0]:
@@ -221,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     detector = parser = None

@@ -8,8 +8,9 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -98,7 +99,7 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / "checkpoints" / f"step-{step:07d}"
 
 
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+def latest_checkpoint(output_dir: Path) -> Path | None:
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return None
@@ -106,7 +107,7 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return max(done, key=lambda p: int(_CKPT_RE.match(p.name).group(1)), default=None)
 
 
-def resolve_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
@@ -151,10 +152,10 @@ def save_run_state(
     rank: int = 0,
     is_main: bool = True,
     scaler: Any = None,
-    extra: Optional[dict] = None,
+    extra: dict | None = None,
     keep: int = 2,
     world: int = 1,
-    barrier: Optional[Callable[[], None]] = None,
+    barrier: Callable[[], None] | None = None,
 ) -> None:
     """Write ``folder`` (weights + optimizer from the main process, RNG per process) and prune old checkpoints.
 
@@ -206,7 +207,7 @@ def read_run_info(folder: Path) -> dict:
     return json.loads((Path(folder) / "state.json").read_text())
 
 
-def keep_global_batch(info: Optional[dict], batch_size: int, world: int, accumulation: int = 1) -> int:
+def keep_global_batch(info: dict | None, batch_size: int, world: int, accumulation: int = 1) -> int:
     """The per-process batch for a run resuming from a checkpoint with ``info``: the one that keeps the checkpoint's
     global batch (per-process batch x processes) on ``world`` processes. Refuses (SystemExit) when it cannot."""
     if not info or "world_size" not in info or "batch_size" not in info:

@@ -19,14 +19,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.face2diffusion.expression import TRAIN_EXPRESSION_DROPOUT, expression_dropout_mask
-from ..pipelines.face2diffusion.injection import DEFAULT_PLACEHOLDER, IdentityTokens, encode_with_identities, find_identity_slots, placeholder_token_id
+from ..pipelines.face2diffusion.expression import (
+    TRAIN_EXPRESSION_DROPOUT,
+    expression_dropout_mask,
+)
+from ..pipelines.face2diffusion.injection import (
+    DEFAULT_PLACEHOLDER,
+    IdentityTokens,
+    encode_with_identities,
+    find_identity_slots,
+    placeholder_token_id,
+)
 from ..pipelines.face2diffusion.loading import load_mapping, load_msid, save_mapping
 from ..pipelines.face2diffusion.mapping import F2DMapping, F2DMappingConfig
 from .distributed import RandomSlot, SampleRandom, per_sample_dropout
@@ -95,7 +103,7 @@ def _prompt_ids(tokenizer, prompt: str, length: int = 77) -> torch.Tensor:
     return tokenizer(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = TrainingRun(args, "F2D mapping training", args.gradient_accumulation_steps)
     device = run.device
@@ -167,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _cgdr_step(batch, mapping, msid, vae, unet, text_encoder, noise_scheduler, ids, class_cond, pid, exp_dropout,
-               scaling, prediction, device, weight_dtype, accelerator, rng: Optional[SampleRandom] = None) -> torch.Tensor:
+               scaling, prediction, device, weight_dtype, accelerator, rng: SampleRandom | None = None) -> torch.Tensor:
     """Eq. 7 on one batch. ``rng``: per-sample draws (VAE sample, noise, timestep, expression dropout); None draws
     from the global torch RNG (evaluation)."""
     pixels = batch["pixel_values"].to(device=device, dtype=weight_dtype)

@@ -19,8 +19,7 @@ import argparse
 import logging
 import math
 import sys
-from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = TrainingRun(args, "MSID pretraining")
     if args.init:
@@ -129,10 +128,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batches = run.step_batches(len(data))
     max_steps = args.max_steps or args.epochs * batches.per_epoch
     # The final `norm` (and any block after the last feature block) is not on the feature path: freeze it, so it
-    # stays as loaded and DDP sees no parameters without gradients.
+    # stays as loaded and DDP sees no parameters without gradients. The last feature block's MLP output bias adds
+    # the same vector to every sample's CLS token, which the level BatchNorm removes: its gradient is zero in exact
+    # arithmetic, and Adam would turn rounding noise into lr-sized steps. Freeze it too.
     last = max(cfg.feature_blocks)
     for name, p in model.named_parameters():
-        if name.startswith("norm.") or (name.startswith("blocks.") and int(name.split(".")[1]) > last):
+        if name.startswith("norm.") or (name.startswith("blocks.") and int(name.split(".")[1]) > last) \
+                or name == f"blocks.{last}.mlp.fc2.bias":
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)

@@ -29,10 +29,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,12 +54,12 @@ from ..pipelines.instantbooth import (
 )
 from ..pipelines.instantbooth.prompt import DEFAULT_IDENTIFIER, PERSON_NOUNS
 from ..utils.files import sanitize_name
+from .datafiles import IMAGE_EXTS, find_by_stem, list_images, read_gray, read_rgb
 from .distributed import SampleRandom
 from .loop import TrainingRun
 from .run_state import load_diffusers_sd
 
 log = logging.getLogger(__name__)
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # ComfyUI's full-size CLIP vision towers, by width: (heads, activation)
 _KNOWN_TOWERS = {1024: (16, "quick_gelu"), 1280: (16, "gelu"), 1664: (16, "gelu")}
 
@@ -81,17 +80,18 @@ def _centre_square(image: torch.Tensor, size: int) -> torch.Tensor:
 class InstantBoothDataset:
     """Images + optional masks + optional captions, per file stem. Items are (target, reference crop, mask, prompt)."""
 
-    def __init__(self, data_dir: str | Path, mask_dir: Optional[str | Path] = None, resolution: int = 512,
+    def __init__(self, data_dir: str | Path, mask_dir: str | Path | None = None, resolution: int = 512,
                  reference_size: int = 224, identifier: str = DEFAULT_IDENTIFIER, class_nouns: Sequence[str] = PERSON_NOUNS,
-                 default_caption: str = "a photo of a person", augment: AugmentConfig = AugmentConfig()) -> None:
+                 default_caption: str = "a photo of a person", augment: AugmentConfig | None = None) -> None:
         root = Path(data_dir)
         if not root.is_dir():
             raise FileNotFoundError(f"--data-dir {root} is not a folder.")
-        self.paths = sorted(p for p in root.iterdir() if p.suffix.lower() in _IMAGE_EXTS)
+        self.paths = list_images(root)
         if not self.paths:
-            raise ValueError(f"No images ({', '.join(_IMAGE_EXTS)}) in {root}.")
+            raise ValueError(f"No images ({', '.join(IMAGE_EXTS)}) in {root}.")
         self.mask_dir = Path(mask_dir) if mask_dir else None
-        self.resolution, self.reference_size, self.augment = resolution, reference_size, augment
+        self.resolution, self.reference_size = resolution, reference_size
+        self.augment = augment if augment is not None else AugmentConfig()
         fallback = insert_identifier(default_caption, identifier, class_nouns)
         self.prompts = []
         without_noun = 0
@@ -112,22 +112,15 @@ class InstantBoothDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _mask_path(self, p: Path) -> Optional[Path]:
-        if self.mask_dir is None:
-            return None
-        return next((q for q in (self.mask_dir / (p.stem + e) for e in _IMAGE_EXTS) if q.is_file()), None)
+    def _mask_path(self, p: Path) -> Path | None:
+        return find_by_stem(self.mask_dir, p.stem)
 
-    def get(self, index: int, flip: bool, generator: Optional[torch.Generator]) -> dict:
-        from PIL import Image
+    def get(self, index: int, flip: bool, generator: torch.Generator | None) -> dict:
 
         p = self.paths[index]
-        with Image.open(p) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+        image = read_rgb(p)
         mp = self._mask_path(p)
-        mask = None
-        if mp is not None:
-            with Image.open(mp) as im:
-                mask = torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
+        mask = read_gray(mp) if mp is not None else None
         target = _centre_square(image, self.resolution) * 2 - 1  # (3, R, R) in [-1, 1]
         if flip:
             target = target.flip(-1)
@@ -136,7 +129,7 @@ class InstantBoothDataset:
             crop = augment_reference(crop, cmask, generator, self.augment)
         return {"pixel_values": target, "reference": crop, "prompt": self.prompts[index]}
 
-    def batch(self, indices: Sequence[int], flips: Sequence[bool], generators: Optional[Sequence[torch.Generator]]) -> dict:
+    def batch(self, indices: Sequence[int], flips: Sequence[bool], generators: Sequence[torch.Generator] | None) -> dict:
         """``generators``: one per sample for the reference augmentation (None: no augmentation)."""
         gens = list(generators) if generators is not None else [None] * len(indices)
         items = [self.get(i, f, g) for i, f, g in zip(indices, flips, gens)]
@@ -169,7 +162,7 @@ def clip_vision_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
             "image_size": side * patch, "patch_size": patch, "projection_dim": proj, "hidden_act": act, "layer_norm_eps": 1e-5}
 
 
-def load_clip_vision(path: str, config_json: Optional[str], dtype: torch.dtype, device: torch.device):
+def load_clip_vision(path: str, config_json: str | None, dtype: torch.dtype, device: torch.device):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     p = Path(path)
@@ -290,7 +283,7 @@ class _Step:
                 "image_embeds": out.image_embeds, "hidden_states": out.last_hidden_state, "target": target}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = TrainingRun(args, "InstantBooth training", args.gradient_accumulation_steps)
     out_file = run.out / f"{sanitize_name(args.output_name, what='output name')}.safetensors"

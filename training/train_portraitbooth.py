@@ -24,15 +24,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..pipelines.face.align import crop_matrix
 from ..pipelines.face.arcface import load_arcface
-from ..pipelines.portraitbooth.fastcomposer_loading import save_stea, unet_diffusers_to_ldm
+from ..pipelines.portraitbooth.fastcomposer_loading import (
+    save_stea,
+    unet_diffusers_to_ldm,
+)
 from ..pipelines.portraitbooth.losses import (
     BETA,
     GAMMA,
@@ -57,7 +61,10 @@ from ..pipelines.portraitbooth.stea import (
     arcface_features,
     fuse_rows_per_sample,
 )
-from ..pipelines.portraitbooth.token_positions import SubjectWordError, find_subject_positions
+from ..pipelines.portraitbooth.token_positions import (
+    SubjectWordError,
+    find_subject_positions,
+)
 from ..utils.files import atomic_save_safetensors
 from .distributed import SampleRandom
 from .loop import TrainingRun
@@ -76,11 +83,11 @@ class AttentionProbe:
     """Collects cross-attention probabilities at chosen token columns while the UNet runs."""
 
     def __init__(self) -> None:
-        self.columns: Optional[torch.Tensor] = None  # (B, K) token indices per sample
+        self.columns: torch.Tensor | None = None  # (B, K) token indices per sample
         self.latent_hw: tuple[int, int] = (0, 0)
         self.maps: list[TokenAttention] = []
 
-    def reset(self, columns: Optional[torch.Tensor], latent_hw: tuple[int, int]) -> None:
+    def reset(self, columns: torch.Tensor | None, latent_hw: tuple[int, int]) -> None:
         self.columns, self.latent_hw, self.maps = columns, latent_hw, []
 
     def record(self, probs: torch.Tensor, batch: int) -> None:
@@ -219,7 +226,7 @@ class CaptionEncoder:
             self._word_ids[word] = list(self.tok(word, add_special_tokens=False).input_ids)
         return self._word_ids[word]
 
-    def slot(self, ids: torch.Tensor, word: Optional[str]) -> int:
+    def slot(self, ids: torch.Tensor, word: str | None) -> int:
         """Row of ``word``'s last BPE piece in one caption's ids, or -1."""
         if not word:
             return -1
@@ -245,9 +252,9 @@ def _sample_modes(r: torch.Tensor, uncond_prob: float, text_only_prob: float) ->
 
 def training_losses(batch: dict[str, Any], *, stea: STEAModel, unet, vae, text_encoder, captions: CaptionEncoder,
                     backbone, scheduler, probe: AttentionProbe, args, device: torch.device,
-                    rng: Optional[SampleRandom] = None, global_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                    world: int = 1, fixed_noise: Optional[torch.Tensor] = None, fixed_timesteps: Optional[torch.Tensor] = None,
-                    fixed_modes: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+                    rng: SampleRandom | None = None, global_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    world: int = 1, fixed_noise: torch.Tensor | None = None, fixed_timesteps: torch.Tensor | None = None,
+                    fixed_modes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """All PortraitBooth losses for one batch.
 
     ``rng``: the per-sample draws (VAE sample, noise, timestep, sample modes); None draws from the global torch RNG.
@@ -343,7 +350,7 @@ def save_outputs(out: Path, stea: STEAModel, unet, arcface_name: str, step: int,
                                                              "layout": "ldm", "trained_steps": str(step)})
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = TrainingRun(args, "PortraitBooth training", args.gradient_accumulation_steps)
     device = run.device
