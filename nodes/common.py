@@ -11,6 +11,7 @@ import comfy.model_patcher
 import comfy.utils
 
 from ..pipelines.runtime import RunHooks
+from ..pipelines.textual_inversion.backend import FAMILY_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +84,39 @@ class ModelCache:
 def placeholder_image(size: int = 64) -> torch.Tensor:
     """A black (1, size, size, 3) image for outputs that would otherwise be empty (ComfyUI needs a batch)."""
     return torch.zeros(1, size, size, 3)
+
+
+# ---------------------------------------------------------------------------------------------- base-model families
+_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# FaceBooth methods that run on SDXL-family checkpoints (named in the errors of those that do not).
+SDXL_METHODS = "Cross Initialization"
+
+
+class WrongFamilyError(ValueError):
+    """A MODEL or CLIP of a base-model family the method was not made for; the message names both and what to use."""
+
+
+def model_family(model) -> Optional[str]:
+    """"sd1" / "sd2" / "sdxl" from a ComfyUI MODEL's text width (SSD-1B, Vega, KOALA count as sdxl), else None."""
+    config = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", {}) or {}
+    return _FAMILY_BY_CONTEXT.get(config.get("context_dim"))
+
+
+def clip_family(clip) -> Optional[str]:
+    """"sd1" / "sd2" / "sdxl" from the text towers a ComfyUI CLIP holds, else None."""
+    towers = {k for k in ("clip_l", "clip_h", "clip_g") if hasattr(getattr(clip, "cond_stage_model", None), k)}
+    return {frozenset({"clip_l"}): "sd1", frozenset({"clip_h"}): "sd2", frozenset({"clip_l", "clip_g"}): "sdxl"}.get(frozenset(towers))
+
+
+def require_family(method: str, supported: tuple[str, ...] = ("sd1",), *, model=None, clip=None) -> None:
+    """Fail before sampling when ``model`` / ``clip`` is an SDXL (or other unsupported) family, naming both."""
+    wanted = " or ".join(FAMILY_NAMES[f] for f in supported)
+    for what, family in (("MODEL", model_family(model) if model is not None else None),
+                         ("CLIP", clip_family(clip) if clip is not None else None)):
+        if family is None or family in supported:
+            continue
+        instead = f" On {FAMILY_NAMES[family]} checkpoints use FaceBooth's {SDXL_METHODS} instead." if family == "sdxl" else ""
+        raise WrongFamilyError(
+            f"{method} works with {wanted} checkpoints only; this {what} is {FAMILY_NAMES[family]}. "
+            f"Load an {wanted} checkpoint for {method}.{instead}"
+        )

@@ -101,7 +101,7 @@ def _settings(preset: str, steps: int, learning_rate: float, batch_size: int, se
     else:
         settings = ci.make_settings(preset)
     if resolution % 64:
-        raise ValueError(f"resolution must be a multiple of 64 (got {resolution}); use 512 for SD1.5 / SD2.1-base")
+        raise ValueError(f"resolution must be a multiple of 64 (got {resolution}); use 512 for SD1.5 / SD2.1-base, 1024 for SDXL")
     return replace(settings, seed=seed, resolution=resolution, preview_every=max(1, settings.steps // 25))
 
 
@@ -113,12 +113,13 @@ class CrossInitialization(io.ComfyNode):
             node_id="FaceBoothCrossInitialization",
             display_name="Cross Initialization (train face embedding)",
             category=CATEGORY,
-            description="Learns a two-token embedding of the face in the photos on the loaded SD1.x / SD2.x checkpoint "
+            description="Learns a two-token embedding of the face in the photos on the loaded SD1.x / SD2.x / SDXL-family checkpoint "
             "(Cross Initialization, CVPR 2024: textual inversion started from E(mean celebrity-name embedding)). Writes "
-            "models/embeddings/<name>.safetensors; use 'embedding:<name>' in any prompt. 'fast' takes 25 steps, 'full' 320.",
+            "models/embeddings/<name>.safetensors; use 'embedding:<name>' in any prompt of the same family. 'fast' takes 25 steps, "
+            "'full' 320. On SDXL both text encoders get the two tokens (clip_l and clip_g in the file).",
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.x or SD2.x). It stays frozen; LoRAs and patches on it apply during training."),
-                io.Clip.Input("clip", tooltip="The same checkpoint's CLIP. The embedding is learned for its text encoder (clip_l for SD1, clip_h for SD2)."),
+                io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.x, SD2.x or SDXL family: SDXL, Pony, Illustrious, SSD-1B, Vega, KOALA). It stays frozen; LoRAs and patches on it apply during training."),
+                io.Clip.Input("clip", tooltip="The same checkpoint's CLIP. The embedding is learned for its text encoders (clip_l for SD1, clip_h for SD2, clip_l and clip_g for SDXL)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, used once to encode the photos."),
                 io.Image.Input("image", tooltip="One or more photos of the same person (a batch). Centre-cropped to a square. Ignored when 'faces' is connected."),
                 Faces.Input("faces", optional=True, tooltip="Optional: faces from Detect Faces. Their aligned FFHQ-style 512 crops are used instead of the photos, usually better for full-body photos."),
@@ -128,7 +129,7 @@ class CrossInitialization(io.ComfyNode):
                 io.Float.Input("learning_rate", default=0.005, min=1e-6, max=1.0, step=0.0005, round=1e-6, tooltip="AdamW learning rate (custom preset only). Too high a rate can diverge; the node then stops with an error."),
                 io.Int.Input("batch_size", default=8, min=1, max=64, tooltip="Samples per step (custom preset only). Each is a random photo, flip, timestep, noise and prompt template."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip="Seed for the sampled timesteps, noise, flips and templates: the same seed gives the same embedding."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Training resolution in pixels: 512 for SD1.5 and SD2.1-base, 768 for SD2.1-768."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Training resolution in pixels: 512 for SD1.5 and SD2.1-base, 768 for SD2.1-768, 1024 for SDXL."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing embedding of the same name. Off: stop with an error instead of replacing it."),
             ],
             outputs=[
@@ -199,7 +200,7 @@ class CrossInitialization(io.ComfyNode):
             key=key, objects=tuple(weakref.ref(o) for o in objects), state=_file_state(path),
             embedding=result.embedding, metadata=result.metadata,
             curve=loss_curve_image(losses, title=f"Cross Initialization '{safe}'"),
-            summary=f"{len(losses)} steps, final loss {losses[-1]:.4f}",
+            summary=f"{ci.FAMILY_NAMES.get(backend.family, backend.family)}, {len(losses)} steps, final loss {losses[-1]:.4f}",
         )
         _WRITTEN[path] = written
         log.info("FaceBooth: wrote %s (%s); use embedding:%s in a prompt", path, written.summary, safe)

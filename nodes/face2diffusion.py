@@ -38,7 +38,7 @@ from ..pipelines.face2diffusion import (
 )
 from ..utils.files import load_state_dict_file
 from . import model_folders
-from .common import DEVICE_CHOICES, ModelCache, load_managed, managed
+from .common import DEVICE_CHOICES, SDXL_METHODS, ModelCache, load_managed, managed
 from .controls import check_range, range_inputs, schedule
 from .types import Faces
 
@@ -285,6 +285,7 @@ def sd1_text_model(clip: Any) -> torch.nn.Module:
         raise UnsupportedBaseModelError(
             f"Face2Diffusion works with SD1.x checkpoints only (CLIP-L text encoder); this CLIP is {family}. "
             "Load an SD1.x checkpoint (SD 1.4/1.5 or a fine-tune of them) and connect its CLIP."
+            + (f" On SDXL-family checkpoints use FaceBooth's {SDXL_METHODS} instead." if kind == "SDXLClipModel" else "")
         )
     text_model = model.clip_l.transformer.text_model
     width = int(text_model.embeddings.token_embedding.weight.shape[-1])

@@ -28,7 +28,7 @@ from ..pipelines.instantbooth import (
     references_from_images,
 )
 from . import model_folders
-from .common import ModelCache, load_managed, managed
+from .common import ModelCache, load_managed, managed, require_family
 from .types import Faces
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def apply_instantbooth(
     ``ib``: the loader's ModelPatcher over an InstantBoothModel (a bare InstantBoothModel is wrapped here). The
     heads run where ComfyUI loads it; the patch lists it in ``models()``, so samplers load it with the UNet.
     """
+    require_family("InstantBooth", model=model, clip=clip)
     patcher = managed(ib) if isinstance(ib, InstantBoothModel) else ib
     ib = patcher.model
     if end_at < start_at:

@@ -30,7 +30,7 @@ from ..pipelines.portraitbooth.token_positions import (
     token_id,
 )
 from . import model_folders
-from .common import load_managed, managed
+from .common import load_managed, managed, require_family
 from .controls import check_range, range_inputs, schedule
 from .types import FaceAnalyzer as FaceAnalyzerType
 from .types import Faces
@@ -251,6 +251,7 @@ class PortraitBoothConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, stea: LoadedSTEA, clip, faces: FaceSet, text: str, subject_words: str, start_at: float = AUTO_START_AT,
                 face_analyzer=None, strength: float = 1.0, end_at: float = 1.0, attn_mask=None) -> io.NodeOutput:
+        require_family("PortraitBooth (FastComposer, SD1.5)", clip=clip)
         if start_at < 0:  # auto: the delayed conditioning the weights were made for
             start_at = stea.model.recommended_start_at
             log.info("FaceBooth PortraitBooth: %s -> identity from %.2f of the sampling on (its recommended start).", stea.name, start_at)

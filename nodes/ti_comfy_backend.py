@@ -20,6 +20,12 @@ What it maps (``pipelines/textual_inversion/backend.py`` says what a backend mus
   CLIP adds residuals in place, so no gradient passes through it), with the layer ComfyUI would use for this
   CLIP (SD1: last; SD2: penultimate + final LayerNorm; a CLIPSetLastLayer choice is honoured) and ComfyUI's
   own tokenizer ids, including its pad token (SD1 pads with end-of-text, SD2 with "!" = 0).
+* **SDXL** (clip_l + clip_g): both towers at the penultimate layer without final LayerNorm, concatenated
+  CLIP-L then CLIP-G into the 2048-wide context; CLIP-G also gives the pooled output (last layer, final
+  LayerNorm, end-of-text token, ``text_projection``). ``predict`` builds ``y`` with the model's own
+  ``encode_adm`` from that pooled output and the size/crop values of a training crop (original size =
+  target size = the training resolution, crop 0, 0), so gradients reach the embeddings through both the
+  context and ``y``.
 * **Images** go through ComfyUI's ``VAE.encode`` (the posterior mode; the engine then has no posterior std to
   sample from, a difference far below the diffusion noise) and the model's ``latent_format``.
 * **Previews** use the latent format's ``latent_rgb_factors`` (no VAE decode per preview).
@@ -39,11 +45,13 @@ import comfy.model_sampling
 
 from ..pipelines.text_encoder import CLIPTextEncoder, LayerChoice, PromptTokenizer
 from ..pipelines.textual_inversion.backend import EncodedImages, TextTower, TIBackend
+from .common import FAMILY_NAMES
 
 log = logging.getLogger(__name__)
 
 _TOWER_KEYS = ("clip_l", "clip_h", "clip_g")
 _FAMILY_BY_TOWERS = {("clip_l",): "sd1", ("clip_h",): "sd2", ("clip_g", "clip_l"): "sdxl"}
+_CONTEXT_WIDTH = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 
 
 class UnsupportedModelError(ValueError):
@@ -105,7 +113,8 @@ def _num_heads(tower_model) -> Optional[int]:
 
 
 def text_tower_from_clip(
-    clip, key: str, state_dict: Optional[dict] = None, *, device=None, dtype: Optional[torch.dtype] = None
+    clip, key: str, state_dict: Optional[dict] = None, *, device=None, dtype: Optional[torch.dtype] = None,
+    pooled: bool = False,
 ) -> TextTower:
     """An autograd-safe copy of one tower of a ComfyUI CLIP, encoding exactly as ComfyUI's CLIP does."""
     tower_model = getattr(clip.cond_stage_model, key)
@@ -116,7 +125,7 @@ def text_tower_from_clip(
     with torch.inference_mode(False):  # nodes run in inference mode; our copy must be usable by autograd
         encoder = CLIPTextEncoder.from_state_dict(
             sd, prefix=f"{key}.", layer=layer, final_layer_norm=final_ln, hidden_act=_activation_name(tower_model),
-            num_heads=_num_heads(tower_model), dtype=dtype, device=device,
+            num_heads=_num_heads(tower_model), dtype=dtype, device=device, pooled=pooled,
         )
     return TextTower(key=key, encoder=encoder, tokenizer=comfy_prompt_tokenizer(getattr(clip.tokenizer, key)))
 
@@ -149,15 +158,15 @@ def prediction_type_of(model_sampling) -> str:
     if not isinstance(model_sampling, ms.ModelSamplingDiscrete) or not hasattr(model_sampling, "sigmas"):
         raise UnsupportedModelError(
             f"the model's sampling ({type(model_sampling).__mro__[1].__name__}) is not a discrete DDPM schedule; "
-            "textual inversion here needs an SD1.x or SD2.x model (epsilon or v-prediction)."
+            "textual inversion here needs an SD1.x, SD2.x or SDXL model (epsilon or v-prediction)."
         )
     if isinstance(model_sampling, (ms.EDM, ms.X0)):
-        raise UnsupportedModelError("EDM / x0-prediction models are not supported; use an SD1.x or SD2.x model")
+        raise UnsupportedModelError("EDM / x0-prediction models are not supported; use an SD1.x, SD2.x or SDXL model")
     if isinstance(model_sampling, ms.V_PREDICTION):
         return "v_prediction"
     if isinstance(model_sampling, ms.EPS):
         return "epsilon"
-    raise UnsupportedModelError("only epsilon and v-prediction models are supported (SD1.x, SD2.x)")
+    raise UnsupportedModelError("only epsilon and v-prediction models are supported (SD1.x, SD2.x, SDXL)")
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -166,22 +175,24 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- backend
 class ComfyTIBackend(TIBackend):
-    """TIBackend over a ComfyUI MODEL (ModelPatcher), CLIP and VAE; SD1.x and SD2.x."""
+    """TIBackend over a ComfyUI MODEL (ModelPatcher), CLIP and VAE; SD1.x, SD2.x and SDXL."""
 
     def __init__(self, model, clip, vae, *, text_dtype: torch.dtype = torch.float32):
         keys = clip_tower_keys(clip)
         family = _FAMILY_BY_TOWERS.get(keys)
         if family is None:
             raise UnsupportedModelError(
-                f"This CLIP holds the text encoders {list(keys) or 'none of clip_l/clip_h/clip_g'}: Cross Initialization "
-                "needs an SD1.x (clip_l) or SD2.x (clip_h) checkpoint's CLIP."
-            )
-        if family == "sdxl":
-            raise UnsupportedModelError(
-                "SDXL is not supported by Cross Initialization yet (the method covers SD1.x and SD2.x). "
-                "Load an SD1.5 or SD2.1 checkpoint."
+                f"This CLIP holds the text encoders {list(keys) or 'none of clip_l/clip_h/clip_g'}: textual inversion "
+                "needs an SD1.x (clip_l), SD2.x (clip_h) or SDXL (clip_l + clip_g) checkpoint's CLIP."
             )
         self.family = family
+        context = model.model.model_config.unet_config.get("context_dim")
+        if context is not None and context != _CONTEXT_WIDTH[family]:  # cheap check before anything is built
+            model_family = next((FAMILY_NAMES[f] for f, w in _CONTEXT_WIDTH.items() if w == context), f"{context}-wide")
+            raise UnsupportedModelError(
+                f"The MODEL is {model_family} but the CLIP is {FAMILY_NAMES[family]}: they come from different "
+                "checkpoints. Use the MODEL and CLIP of the same checkpoint."
+            )
         self.patcher = trainable_clone(model)
         self.model = self.patcher.model  # comfy.model_base.BaseModel
         self.vae = vae
@@ -197,18 +208,27 @@ class ComfyTIBackend(TIBackend):
         mm.load_models_gpu([clip.patcher], force_patch_weights=True)
         sd = clip.get_sd()
         # float32 like ComfyUI's own CLIP computes (it stores fp16 but runs in fp32); autocast speeds it up on GPU.
-        self.text_encoders = [text_tower_from_clip(clip, k, sd, device=self.device, dtype=text_dtype) for k in keys]
+        self.text_encoders = [
+            text_tower_from_clip(clip, k, sd, device=self.device, dtype=text_dtype, pooled=(family == "sdxl" and k == "clip_g"))
+            for k in keys
+        ]
         del sd
         self._check_widths()
         self._needs_load = True
 
     def _check_widths(self) -> None:
-        width = self.text_encoders[0].dim
+        width = sum(t.dim for t in self.text_encoders)
         context = self.model.model_config.unet_config.get("context_dim")
         if context is not None and context != width:
             raise UnsupportedModelError(
-                f"The MODEL expects {context}-wide text conditioning but the CLIP gives {width}: they come from different "
-                "model families. Use the MODEL and CLIP of the same checkpoint."
+                f"The MODEL expects {context}-wide text conditioning but the {FAMILY_NAMES[self.family]} CLIP gives "
+                f"{width}: they come from different model families. Use the MODEL and CLIP of the same checkpoint."
+            )
+        adm = self.model.model_config.unet_config.get("adm_in_channels")
+        if (self.family == "sdxl") != bool(adm) or (self.family == "sdxl" and not hasattr(self.model, "encode_adm")):
+            raise UnsupportedModelError(
+                f"The MODEL {'takes' if adm else 'takes no'} pooled/size conditioning but the CLIP is "
+                f"{FAMILY_NAMES[self.family]}'s: use the MODEL and CLIP of the same checkpoint."
             )
         channels = getattr(self.model.latent_format, "latent_channels", 4)
         if getattr(self.vae, "latent_channels", channels) != channels:
@@ -228,6 +248,24 @@ class ComfyTIBackend(TIBackend):
         self._needs_load = False
 
     # ------------------------------------------------------------------ TIBackend
+    def encode_prompts(self, prompts, placeholders, vectors) -> Any:
+        if self.family != "sdxl":
+            return super().encode_prompts(prompts, placeholders, vectors)
+        towers = {t.key: t for t in self.text_encoders}
+        l_out = towers["clip_l"].encode(prompts, placeholders, vectors["clip_l"])
+        g_out = towers["clip_g"].encode(prompts, placeholders, vectors["clip_g"])
+        context = torch.cat([l_out.last_hidden_state, g_out.last_hidden_state], dim=-1)  # ComfyUI's order: L then G
+        return {"c_crossattn": context, "pooled_output": g_out.pooled}
+
+    def sdxl_y(self, pooled: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The UNet's ``y`` from the model's own ``encode_adm``: pooled CLIP-G + (size, crop, target size) embeddings
+        of an uncropped training image of ``height`` x ``width`` pixels."""
+        y = self.model.encode_adm(
+            pooled_output=pooled, width=width, height=height, crop_w=0, crop_h=0, target_width=width,
+            target_height=height, device=pooled.device,
+        )
+        return y.to(pooled.device)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> EncodedImages:
         pixels = ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()  # ComfyUI IMAGE: (N, H, W, 3) in [0, 1]
@@ -244,9 +282,14 @@ class ComfyTIBackend(TIBackend):
         sqrt_ab = 1 / scale
         sqrt_1mab = _per_sample(sigma, noisy_latents) / scale
         with torch.inference_mode(False):
+            extra = {}
+            if isinstance(cond, dict):  # SDXL: context + pooled output
+                h, w = (s * 8 for s in noisy_latents.shape[-2:])
+                extra["y"] = self.sdxl_y(cond["pooled_output"], h, w)
+                cond = cond["c_crossattn"]
             x0 = self.model.apply_model(
                 noisy_latents * scale, sigma, c_crossattn=cond,
-                transformer_options=self._transformer_options(sigma),
+                transformer_options=self._transformer_options(sigma), **extra,
             ).float()
         x_t = noisy_latents.float()
         if self.prediction_type == "epsilon":

@@ -15,6 +15,14 @@ What the official code (lyuPang/CrossInitialization) does, and this module repea
 4. The two learned vectors live in the input token-embedding space, so they are a standard ComfyUI
    embedding: ``{"clip_l": (2, 768)}`` for SD1.x, ``{"clip_h": (2, 1024)}`` for SD2.x.
 
+SDXL (our extension; the paper covers SD2.1): both text encoders get the two tokens, and each encoder's
+tokens start from *its own* output for its own mean name embedding, at the layer SDXL conditions on
+(penultimate, no final LayerNorm, for CLIP-L and CLIP-G alike). The regulariser is the same term per
+encoder, summed. The backend feeds the UNet the concatenated context and ``y`` (pooled CLIP-G + size/crop
+embedding), so the CLIP-G tokens also learn through the pooled output. The file is a standard SDXL
+embedding, ``{"clip_l": (2, 768), "clip_g": (2, 1280)}``. Presets keep the paper's step counts and learning
+rates on SDXL too: the loss is the same per-pixel MSE and the tokens live in the same CLIP embedding spaces.
+
 Our names list (``data/celebrity_names.txt``) is our own, not the CelebBasis file: 691 unique well-known
 people, "First Last" (one "Robert De Niro"), no duplicates (the official file has 45). With the CLIP BPE
 every line has at least two tokens (the official list has 11 single-token lines) and 624 first names are
@@ -36,7 +44,7 @@ import torch.nn.functional as F
 from ..utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
 from .runtime import NO_HOOKS, RunHooks
 from .text_encoder import CLIPTextEncoder, PromptTokenizer
-from .textual_inversion.backend import FAMILY_KEYS, TIBackend
+from .textual_inversion.backend import FAMILY_KEYS, FAMILY_NAMES, TIBackend
 from .textual_inversion.engine import TextualInversionEngine, TIConfig, TIResult
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,11 @@ not built at all.
 Injection: rows of the *token* embedding (before position embeddings are added) can be replaced per
 position by learnable vectors; this is where textual-inversion embeddings and ComfyUI embedding files
 live. The attention probabilities of the last layer that runs can be returned for attention losses.
+
+Pooled output (SDXL's CLIP-G, ``pooled=True``): the UNet's ``y`` gets the *last* layer's output, after the
+final LayerNorm, at the first end-of-text position, through ``text_projection`` (as ComfyUI's CLIP computes
+it), while the cross-attention context is the penultimate layer. Then every layer is built and run, and
+``last_hidden_state`` is taken after the chosen one.
 """
 from __future__ import annotations
 
@@ -58,12 +63,15 @@ class CLIPTextEncoderConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     final_layer_norm: bool = True  # SDXL's towers skip it on the penultimate output
+    hidden_layers: Optional[int] = None  # layers before last_hidden_state (None: all); fewer when pooled
+    projection_dim: int = 0  # > 0: a text_projection (no bias) gives the pooled output
 
 
 @dataclass
 class TextEncoderOutput:
     last_hidden_state: torch.Tensor  # (B, L, D): output of the chosen layer (+ final LN when configured)
     attention_probs: Optional[torch.Tensor] = None  # (B, heads, L, L) of the last layer run, post-softmax
+    pooled: Optional[torch.Tensor] = None  # (B, projection_dim): projected last-layer output at end-of-text
 
 
 class CLIPAttention(nn.Module):
@@ -150,6 +158,8 @@ class CLIPTextEncoder(nn.Module):
         self.embeddings = CLIPEmbeddings(config)
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.projection_dim:
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
     @property
     def hidden_size(self) -> int:
@@ -185,10 +195,13 @@ class CLIPTextEncoder(nn.Module):
         slot_ids: Optional[torch.Tensor] = None,
         slot_vectors: Optional[torch.Tensor] = None,
         output_attentions: bool = False,
+        pooled_positions: Optional[torch.Tensor] = None,
     ) -> TextEncoderOutput:
         """Encode token ids, or token embeddings (``inputs_embeds``, position embeddings not yet added).
 
         With ``slot_ids``/``slot_vectors`` the token embeddings at the slots are replaced first.
+        ``pooled_positions`` (B,): where the pooled output is read (the first end-of-text token); without them
+        no pooled output is computed and the layers after the hidden one are skipped.
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -204,14 +217,27 @@ class CLIPTextEncoder(nn.Module):
         pos = self.embeddings.position_embedding.weight[:n].to(inputs_embeds.dtype)
         x = inputs_embeds + pos
         probs = None
-        last = len(self.encoder.layers) - 1
+        pooled_wanted = pooled_positions is not None
+        if pooled_wanted and not self.config.projection_dim:
+            raise ValueError("this encoder has no text projection: build it with pooled=True for a pooled output")
+        n_hidden = self.config.hidden_layers or len(self.encoder.layers)
+        hidden = x
         for i, layer in enumerate(self.encoder.layers):
-            x, p = layer(x, want_probs=output_attentions and i == last)
+            if i >= n_hidden and not pooled_wanted:
+                break
+            x, p = layer(x, want_probs=output_attentions and i == n_hidden - 1)
             if p is not None:
                 probs = p
+            if i == n_hidden - 1:
+                hidden = x
         if self.config.final_layer_norm:
-            x = self.final_layer_norm(x)
-        return TextEncoderOutput(last_hidden_state=x, attention_probs=probs)
+            hidden = self.final_layer_norm(hidden)
+        pooled = None
+        if pooled_wanted:
+            last = self.final_layer_norm(x)
+            rows = last[torch.arange(last.shape[0], device=last.device), pooled_positions.to(last.device)]
+            pooled = self.text_projection(rows)
+        return TextEncoderOutput(last_hidden_state=hidden, attention_probs=probs, pooled=pooled)
 
     # ------------------------------------------------------------------ construction from weights
     @classmethod
@@ -227,8 +253,12 @@ class CLIPTextEncoder(nn.Module):
         layer_norm_eps: float = 1e-5,
         dtype: Optional[torch.dtype] = None,
         device: Optional[Union[str, torch.device]] = None,
+        pooled: bool = False,
     ) -> "CLIPTextEncoder":
         """Build from an HF-layout CLIP text state dict; ``prefix`` picks one tower (``"clip_l."``, ``"clip_h."``...).
+
+        ``pooled``: also build every later layer and ``text_projection`` (read next to ``text_model.``) for the
+        pooled output SDXL feeds its UNet.
 
         Width, depth, vocabulary and positions come from the tensors. ``hidden_act`` and ``num_heads`` are not
         in a state dict: by default heads = width / 64 (true for CLIP-L/H/bigG) and the activation is
@@ -241,10 +271,18 @@ class CLIPTextEncoder(nn.Module):
         keep = resolve_layer(layer, total)
         width = tok.shape[1]
         fc1 = state_dict[f"{base}encoder.layers.0.mlp.fc1.weight"]
+        projection = None
+        if pooled:
+            proj_key = base.removesuffix("text_model.") + "text_projection.weight"
+            if proj_key not in state_dict:
+                raise KeyError(f"{proj_key!r} is missing: this CLIP text tower has no text projection for a pooled output")
+            projection = state_dict[proj_key]
         config = CLIPTextEncoderConfig(
             vocab_size=tok.shape[0],
             hidden_size=width,
-            num_layers=keep,
+            num_layers=total if pooled else keep,
+            hidden_layers=keep if pooled else None,
+            projection_dim=0 if projection is None else projection.shape[0],
             num_heads=num_heads or max(1, width // 64),
             intermediate_size=fc1.shape[0],
             max_positions=pos.shape[0],
@@ -255,6 +293,8 @@ class CLIPTextEncoder(nn.Module):
         model = cls(config).to(dtype=dtype or tok.dtype)  # load without a precision round trip
         wanted = model.state_dict().keys()
         weights = {k: state_dict[base + k] for k in wanted if (base + k) in state_dict}
+        if projection is not None:
+            weights["text_projection.weight"] = projection
         missing = sorted(set(wanted) - set(weights))
         if missing:
             raise KeyError(

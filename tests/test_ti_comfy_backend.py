@@ -128,17 +128,17 @@ def test_sd2_tower_uses_penultimate_layer_and_pads_with_zero(loaded):
         torch.testing.assert_close(_ours(tower, text), _comfy_cond(clip, text), atol=1e-4, rtol=1e-4)
 
 
-def test_sdxl_and_other_clips_are_refused_with_a_clear_message(loaded):
+def test_mixed_families_and_other_clips_are_refused_with_a_clear_message(loaded):
     from types import SimpleNamespace
 
     from facebooth.nodes.ti_comfy_backend import ComfyTIBackend, UnsupportedModelError
 
     model, _, vae = loaded
     sdxl = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=1, clip_g=2), tokenizer=SimpleNamespace(clip_l=1, clip_g=2))
-    with pytest.raises(UnsupportedModelError, match="SDXL is not supported"):
+    with pytest.raises(UnsupportedModelError, match="MODEL is SD1.x but the CLIP is SDXL"):
         ComfyTIBackend(model, sdxl, vae)
     t5 = SimpleNamespace(cond_stage_model=SimpleNamespace(t5xxl=1), tokenizer=SimpleNamespace(t5xxl=1))
-    with pytest.raises(UnsupportedModelError, match="SD1.x .clip_l. or SD2.x .clip_h."):
+    with pytest.raises(UnsupportedModelError, match="SD1.x .clip_l., SD2.x .clip_h. or SDXL"):
         ComfyTIBackend(model, t5, vae)
 
 

@@ -21,7 +21,8 @@ the data sampling, the loss and the optimizer. Implementing a backend means two 
 
 ``encode_prompts`` turns prompts with placeholder strings and the learnable vectors into the UNet's
 conditioning; the default handles a single tower (SD1/SD2). SDXL backends override it to concatenate the
-two towers and add the pooled/time ids.
+two towers (CLIP-L then CLIP-G, 2048 wide) and return CLIP-G's pooled output with it; their ``predict``
+builds the UNet's ``y`` from the pooled output and the size/crop values.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch
 from ..text_encoder import CLIPTextEncoder, PromptTokenizer, tokenize_with_slots
 
 FAMILY_KEYS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}  # for messages and UI text
 
 
 @dataclass
@@ -62,7 +64,12 @@ class TextTower:
             pairs.append(self._token_cache[key])
         ids = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=device)
         slots = torch.tensor([b for _, b in pairs], dtype=torch.long, device=device)
-        return self.encoder(ids, slot_ids=slots, slot_vectors=vectors, output_attentions=output_attentions)
+        positions = None
+        if self.encoder.config.projection_dim:  # pooled output at the first end-of-text token, as ComfyUI reads it
+            positions = (ids == self.tokenizer.eos_id).int().argmax(dim=-1)
+        return self.encoder(
+            ids, slot_ids=slots, slot_vectors=vectors, output_attentions=output_attentions, pooled_positions=positions
+        )
 
 
 @dataclass
