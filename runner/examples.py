@@ -87,6 +87,7 @@ TEST_SIZE_VALUES: dict[str, Any] = {
     "DETECT_MODE": "aligned crop",  # the drawn faces are already crops; random detectors find nothing
     "CROSS_INIT_PRESET": "custom", "TRAIN_STEPS": 4, "TRAIN_RESOLUTION": 64, "TRAIN_BATCH": 2, "TRAIN_WARMUP": 2,
     "PERSONAMAGIC_RESOLUTION": 128, "PERSONAMAGIC_BINS": 25,
+    "SDXL_TRAIN_STEPS": 2, "SDXL_TRAIN_BATCH": 1,  # a CLIP-G fwd+bwd costs seconds per sample on CPU
 }
 
 # Values used when a UI twin is generated for the editor: the model files users download (names as the
