@@ -32,6 +32,19 @@ def import_ray():
     return ray
 
 
+def _init(ray, address: str | None, kwargs: dict, tries: int = 5) -> None:
+    """``ray.init``; a local Ray on a busy machine may miss Ray's fixed 30 s raylet start window: try again."""
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this timeout
+            if address is not None or "timed out during startup" not in str(exc) or attempt == tries:
+                raise
+            log.warning("Local Ray did not start in time (%s); trying again", exc)
+            ray.shutdown()
+
+
 class ComfyActor:
     """Runs one ComfyUI on its node (wrapped with ``ray.remote`` by ``RayCluster``)."""
 
@@ -124,7 +137,7 @@ class RayCluster:
         ray = import_ray()
         owns = not ray.is_initialized()
         if owns:
-            ray.init(address=address or None, **dict(init_kwargs or {}))
+            _init(ray, address or None, dict(init_kwargs or {}))
         if actors is None:
             gpus = ray.cluster_resources().get("GPU", 0)
             actors = int(gpus // gpus_per_actor) if gpus_per_actor > 0 else 0

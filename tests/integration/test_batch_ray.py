@@ -18,8 +18,10 @@ from PIL import Image
 pytestmark = pytest.mark.integration
 
 
-def test_ray_mode_runs_the_batch_on_two_cpu_actors(comfyui_dir, facebooth_cache_dir, tmp_path):
+def test_ray_mode_runs_the_batch_on_two_cpu_actors(comfyui_dir, facebooth_cache_dir, tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    # A loaded CI machine starts Ray's agents slowly; give the raylet longer to see them register.
+    monkeypatch.setenv("RAY_agent_register_timeout_ms", "120000")
     from facebooth.runner.batch.ray_mode import RayCluster
 
     cluster = RayCluster.start(
