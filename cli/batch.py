@@ -32,7 +32,7 @@ from .examples import (  # one --set / --device rule for both commands
 )
 from .examples import _want_cpu
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -42,7 +42,7 @@ from .jobs import fill
 from .journal import Journal, Row
 from .servers import ComfyBackend, PromptLost, ServerLost
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from collections import defaultdict, deque
 
 from .dispatcher import Events
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 WINDOW_S = 120.0  # rates are measured over the last two minutes
 

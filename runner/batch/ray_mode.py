@@ -21,7 +21,7 @@ from typing import Any
 
 from .servers import ComfyBackend, ServerLost
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 
 def import_ray():

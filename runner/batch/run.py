@@ -24,7 +24,7 @@ from .progress import Progress
 from .scoring import scores_from_history
 from .servers import ComfyBackend, ServerLost
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 
 @dataclass

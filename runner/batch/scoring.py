@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .journal import Journal
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 ID_SIMILARITY_NODE = "FaceBoothIDSimilarity"
 

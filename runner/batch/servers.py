@@ -24,7 +24,7 @@ from ..client import (
     raise_for_history,
 )
 
-log = logging.getLogger("FaceBooth.batch")
+log = logging.getLogger(__name__)
 
 UPLOAD_SUBFOLDER = "facebooth_batch"
 
