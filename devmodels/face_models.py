@@ -33,7 +33,7 @@ def _randomize(state: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str
     out: dict[str, torch.Tensor] = {}
     for key, ref in state.items():
         if not ref.is_floating_point():  # num_batches_tracked
-            out[key] = torch.zeros_like(ref)
+            out[key] = torch.zeros(ref.shape, dtype=ref.dtype)
         elif ref.dim() in (2, 4):  # conv / linear: He normal keeps activations in range through depth
             fan_in = ref[0].numel()
             out[key] = torch.randn(ref.shape, generator=gen) * (2.0 / fan_in) ** 0.5
@@ -158,3 +158,28 @@ def copy_or_write_mtcnn(folder: PathLike, seed: int = 0, prefer_real: bool = Tru
             raise
         paths[name] = target
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# RetinaFace (facexlib)
+# ----------------------------------------------------------------------------------------------
+
+
+def random_retinaface_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """facexlib RetinaFace-ResNet50 state dict (the keys of ``detection_Resnet50_Final.pth``), seeded random values."""
+    from ..pipelines.face.retinaface import build_retinaface
+
+    state = _randomize(build_retinaface(meta=True).state_dict(), torch.Generator().manual_seed(seed))
+    # Box and landmark heads regress log-sizes that go through exp(): at He scale a random ResNet-50 + FPN would
+    # give boxes of 1e30 px, and every score would saturate at 1.0. Small heads keep boxes near their priors and
+    # scores spread around 0.5 (no ties), like a trained detector's outputs in range.
+    for key in state:
+        if key.startswith(("BboxHead", "LandmarkHead", "ClassHead")):
+            state[key] = state[key] * 0.01
+    return state
+
+
+def write_random_retinaface(path: PathLike, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random RetinaFace-ResNet50 in facexlib's layout (.pth pickle as the official file, or .safetensors)."""
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in random_retinaface_state_dict(seed).items()}
+    return _write(state, Path(path), {"model": "retinaface_resnet50", "random_seed": str(seed), "weights": "random"})

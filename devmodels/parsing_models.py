@@ -13,15 +13,15 @@ from typing import Union
 import torch
 
 from . import save_official_pickle
-from ..pipelines.face.parsing import BiSeNet, BiSeNetConfig
+from ..pipelines.face.parsing import bisenet_class
 from ..utils.files import atomic_save_safetensors
 
 
 def random_bisenet_state_dict(seed: int = 0, num_classes: int = 19) -> dict[str, torch.Tensor]:
-    """State dict with the official key names and shapes and seeded random values."""
+    """State dict with the official key names and shapes (facexlib's BiSeNet: needs facexlib) and seeded random values."""
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):  # only names and shapes are needed
-        state = BiSeNet(BiSeNetConfig(num_classes=num_classes)).state_dict()
+        state = bisenet_class()(num_class=num_classes).state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, ref in state.items():
         if not ref.is_floating_point():  # num_batches_tracked

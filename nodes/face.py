@@ -8,9 +8,10 @@ import os
 import torch
 from comfy_api.latest import io, ui
 
-from ..pipelines.face.analyzer import FaceAnalyzer, cosine_similarity, identity_from_faces
+from ..pipelines.face.analyzer import DEFAULT_DET_SIZE, FaceAnalyzer, cosine_similarity, identity_from_faces
 from ..pipelines.face.draw import debug_image, draw_faces, from_pil, pad_to_same_size
 from ..pipelines.face.identity_io import load_identity, save_identity
+from ..pipelines.face.insightface_backend import PROVIDER_CHOICES
 from ..pipelines.face.types import NO_FACE_POLICIES, Identity
 from ..utils.files import sanitize_name
 from . import model_folders
@@ -23,7 +24,7 @@ CATEGORY = "FaceBooth/Face"
 _CACHE = ModelCache()
 _NONE = "none"
 
-PROVIDERS = ["CPU", "CUDA", "ROCM", "DirectML", "OpenVINO", "CoreML"]
+PROVIDERS = list(PROVIDER_CHOICES)  # one list, the backend's (it imports insightface/onnxruntime only when loading)
 SELECT_CHOICES = ["largest", "index", "all (left to right)"]
 MODE_CHOICES = ["detect", "aligned crop"]
 NO_FACE_CHOICES = {"error": "error", "skip image": "skip", "pass through": "pass_through"}
@@ -47,7 +48,48 @@ def _mtcnn_folder() -> str | None:
 
 
 # Sub-folders of models/facebooth/face that hold other face models, never recognizers.
-_NOT_RECOGNIZERS = ("mtcnn/", "parsing/", "clipseg/")
+_NOT_RECOGNIZERS = ("mtcnn/", "parsing/", "clipseg/", "retinaface/")
+_RETINAFACE = "retinaface (facexlib)"
+DETECTOR_CHOICES = ["mtcnn", _RETINAFACE, "none"]
+
+
+def _retinaface_file() -> str:
+    """models/facebooth/face/retinaface/detection_Resnet50_Final.pth (or the one file in that folder)."""
+    from ..pipelines.face.retinaface import OFFICIAL_FILE
+
+    files = [f.replace("\\", "/") for f in model_folders.list_files("facebooth/face")]
+    found = [f for f in files if f.startswith("retinaface/")]
+    official = [f for f in found if f.endswith("/" + OFFICIAL_FILE)]
+    if official or len(found) == 1:
+        return model_folders.resolve_file("facebooth/face", (official or found)[0])
+    roots = ", ".join(model_folders.folder_paths_for("facebooth/face"))
+    what = f"several files ({', '.join(found)}); keep only {OFFICIAL_FILE}" if found else f"no {OFFICIAL_FILE}"
+    raise FileNotFoundError(
+        f"FaceBooth: RetinaFace weights: the 'retinaface' folder holds {what}. Put facexlib's {OFFICIAL_FILE} "
+        f"(https://github.com/xinntao/facexlib/releases/download/v0.1.0/{OFFICIAL_FILE}) in a 'retinaface' folder inside "
+        f"one of: {roots}."
+    )
+
+
+def _patchers(modules: list, device: torch.device) -> list:
+    """ComfyUI ModelPatchers for our face models: load_models_gpu places them, unloading / freeing memory evicts them."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    offload = torch.device("cpu") if device.type == "cpu" else mm.unet_offload_device()
+    return [comfy.model_patcher.ModelPatcher(m, load_device=device, offload_device=offload) for m in modules]
+
+
+def _managed(analyzer: FaceAnalyzer, device: torch.device) -> FaceAnalyzer:
+    """Wrap every torch module of the analyzer in a ModelPatcher; the analyzer loads them before each use."""
+    import comfy.model_management as mm
+
+    modules = [getattr(part, "module", None) for part in (analyzer.detector, analyzer.recognizer, analyzer.parser)]
+    patchers = _patchers([m for m in modules if isinstance(m, torch.nn.Module)], device)
+    analyzer.patchers = patchers  # type: ignore[attr-defined]  # kept with the analyzer for hosts and tests
+    if patchers:
+        analyzer.prepare = lambda: mm.load_models_gpu(patchers)
+    return analyzer
 
 
 def _recognizer_files() -> list[str]:
@@ -78,7 +120,8 @@ def _load_parser(name: str, device: torch.device):
         return None
     from ..pipelines.face.parsing import load_bisenet
 
-    return load_bisenet(model_folders.resolve_file("facebooth/face", name), device=device)
+    # Built on the CPU; the analyzer's ModelPatcher moves it to ``device`` when it runs.
+    return load_bisenet(model_folders.resolve_file("facebooth/face", name), device="cpu")
 
 
 class FaceAnalyzerTorch(io.ComfyNode):
@@ -88,15 +131,16 @@ class FaceAnalyzerTorch(io.ComfyNode):
             node_id="FaceBoothFaceAnalyzerTorch",
             display_name="Face Analyzer (PyTorch)",
             category=CATEGORY,
-            description="Face detection (MTCNN) and recognition (ArcFace) in plain PyTorch: needs neither "
+            description="Face detection (MTCNN, or facexlib's RetinaFace) and recognition (ArcFace) in PyTorch: needs neither "
             "insightface nor onnxruntime. Weights go in models/facebooth/face (see `python -m facebooth weights list`).",
             inputs=[
                 io.Combo.Input(
                     "detector",
-                    options=["mtcnn", _NONE],
+                    options=DETECTOR_CHOICES,
                     default="mtcnn",
                     tooltip="MTCNN finds faces and their 5 landmarks; weights in models/facebooth/face/mtcnn/"
-                    "{pnet,rnet,onet}.pt. 'none' only allows the 'aligned crop' mode.",
+                    "{pnet,rnet,onet}.pt. RetinaFace (needs `pip install facexlib`) uses facexlib's detection_Resnet50_Final.pth "
+                    "in models/facebooth/face/retinaface/, the file PuLID and PhotoMaker V2 use. 'none' only allows the 'aligned crop' mode.",
                 ),
                 io.Combo.Input(
                     "recognizer",
@@ -105,18 +149,26 @@ class FaceAnalyzerTorch(io.ComfyNode):
                     "It turns a face into the identity embedding. 'none' disables identities.",
                 ),
                 _parser_input(),
-                io.Int.Input("min_face_size", default=20, min=8, max=512, tooltip="Smallest face, in pixels, the detector looks for. Larger is faster."),
+                io.Int.Input("min_face_size", default=20, min=8, max=512, tooltip="MTCNN: smallest face, in pixels of the detection image (see det_size), the detector looks for. Larger is faster."),
                 io.Combo.Input("device", options=DEVICE_CHOICES, default="auto", tooltip="Where the face models run. 'auto' uses ComfyUI's device."),
+                io.Int.Input("det_size", default=DEFAULT_DET_SIZE, min=0, max=4096, optional=True,
+                             tooltip="Detection size: photos are shrunk to this many pixels on the long side for detection only (like insightface's "
+                             "det_size); crops still come from the full photo. Larger finds smaller faces but costs more; 0 = full size (up to 1600)."),
             ],
             outputs=[FaceAnalyzerType.Output(display_name="face_analyzer", tooltip="Connect to Detect Faces or ID Similarity.")],
         )
 
     @classmethod
-    def execute(cls, detector: str, recognizer: str, face_parser: str, min_face_size: int, device: str) -> io.NodeOutput:
+    def execute(cls, detector: str, recognizer: str, face_parser: str, min_face_size: int, device: str,
+                det_size: int = DEFAULT_DET_SIZE) -> io.NodeOutput:
         dev = pick_device(device)
 
         def load() -> FaceAnalyzer:
             det = rec = None
+            if detector == _RETINAFACE:
+                from ..pipelines.face.retinaface import load_retinaface
+
+                det = load_retinaface(_retinaface_file())
             if detector == "mtcnn":
                 from ..pipelines.face.mtcnn import load_mtcnn
 
@@ -127,15 +179,17 @@ class FaceAnalyzerTorch(io.ComfyNode):
                         f"FaceBooth: MTCNN weights not found. Put pnet.pt, rnet.pt and onet.pt in a 'mtcnn' folder "
                         f"inside one of: {roots} (python -m facebooth weights fetch --method face)."
                     )
-                det = load_mtcnn(folder, device=dev, min_face_size=min_face_size)
+                det = load_mtcnn(folder, device="cpu", min_face_size=min_face_size)
             if recognizer != _NONE:
                 from ..pipelines.face.arcface import load_arcface
 
-                rec = load_arcface(model_folders.resolve_file("facebooth/face", recognizer), device=dev, name=f"arcface:{recognizer}")
+                rec = load_arcface(model_folders.resolve_file("facebooth/face", recognizer), device="cpu", name=f"arcface:{recognizer}")
             parser = _load_parser(face_parser, dev)
-            return FaceAnalyzer(detector=det, recognizer=rec, parser=parser, name=f"torch:{detector}+{recognizer}")
+            analyzer = FaceAnalyzer(detector=det, recognizer=rec, parser=parser, name=f"torch:{detector}+{recognizer}", det_size=det_size)
+            return _managed(analyzer, dev)  # the models live on the CPU until ComfyUI loads them for a run
 
-        return io.NodeOutput(_CACHE.get(("torch", detector, recognizer, face_parser, min_face_size, str(dev)), load))
+        key = ("torch", detector, recognizer, face_parser, min_face_size, str(dev), det_size)
+        return io.NodeOutput(_CACHE.get(key, load))
 
 
 class FaceAnalyzerInsightFace(io.ComfyNode):
@@ -170,8 +224,10 @@ class FaceAnalyzerInsightFace(io.ComfyNode):
             backend = InsightFaceBackend(model_folders.folder_paths_for("insightface"), pack=pack, providers=[provider], det_size=det_size)
             for warning in getattr(backend, "warnings", []):
                 log.warning("FaceBooth: %s", warning)
-            parser = _load_parser(face_parser, pick_device("auto"))
-            return FaceAnalyzer(detector=backend, recognizer=backend, parser=parser, name=f"insightface:{pack}")
+            dev = pick_device("auto")
+            parser = _load_parser(face_parser, dev)
+            analyzer = FaceAnalyzer(detector=backend, recognizer=backend, parser=parser, name=f"insightface:{pack}", det_size=det_size)
+            return _managed(analyzer, dev)
 
         return io.NodeOutput(_CACHE.get(("insightface", pack, provider, face_parser, det_size), load))
 
@@ -219,7 +275,7 @@ class DetectFaces(io.ComfyNode):
         h, w = faceset.images.shape[1:3]
         masks = torch.zeros(faceset.images.shape[0], h, w)
         for f in faceset.faces:
-            masks[f.image_index] = torch.maximum(masks[f.image_index], f.mask)
+            f.paste_mask(masks[f.image_index])  # only the face's window is computed
         debug = pad_to_same_size(
             [debug_image(faceset.images[i], faceset.for_image(i), missing=i in faceset.missing) for i in range(faceset.images.shape[0])]
         )

@@ -140,10 +140,25 @@ def test_detection_size_cap_like_insightface_det_size():
     fs = a.analyze(flat(5, size=1280), crops=("arcface_112",))
     assert det.seen_sizes == [(640, 640)]
     assert fs.faces[0].box == tuple(v * 2 for v in face.box)
-    torch.testing.assert_close(fs.faces[0].landmarks, face.landmarks * 2)
+    torch.testing.assert_close(fs.faces[0].landmarks, (face.landmarks + 0.5) * 2 - 0.5)  # pixel centres
     small = ScriptedDetector({5: []})
     FaceAnalyzer(detector=small, recognizer=None, det_size=2048).analyze(flat(5, size=512), no_face="skip")
     assert small.seen_sizes == [(512, 512)]  # never enlarged
+
+
+def test_detection_shrink_is_a_proper_average():
+    """Block averaging then antialiased bilinear: a 4x shrink of a 2x2 checkerboard is flat grey; the reference
+    for the size rule is round(side * scale)."""
+    from facebooth.pipelines.face.analyzer import shrink_for_detection
+
+    board = ((torch.arange(1000)[:, None] + torch.arange(800)[None, :]) % 2).float()[..., None].expand(1000, 800, 3)
+    small = shrink_for_detection(board, 0.25)
+    assert small.shape == (250, 200, 3)
+    torch.testing.assert_close(small, torch.full_like(small, 0.5), atol=1e-5, rtol=0)
+    ramp = torch.linspace(0, 1, 1000)[:, None, None].expand(1000, 800, 3)
+    out = shrink_for_detection(ramp, 0.3)
+    want = torch.nn.functional.interpolate(ramp.permute(2, 0, 1)[None], size=out.shape[:2], mode="area")[0].permute(1, 2, 0)
+    assert (out - want).abs().max() < 0.01
 
 
 def test_masks_are_lazy_and_pasted_only_where_the_face_is():

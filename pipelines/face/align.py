@@ -109,7 +109,7 @@ def warp_affine(image: torch.Tensor, m: torch.Tensor, size: int, antialias: bool
     """Warp an (H, W, C) image with source->crop matrix ``m`` into a (size, size, C) crop, values clamped to [0, 1].
 
     Bilinear, zero border (as cv2.warpAffine with BORDER_CONSTANT). One affine sample per crop, read straight from
-    the source: only the window the crop covers is touched, so the cost follows the crop, not the photo. When the
+    the source without copying it: the cost follows the crop, not the photo. When the
     crop shrinks the face by more than 2x, each crop pixel averages k x k bilinear samples (k = ceil(0.5 / scale),
     at most 2 source pixels apart) so small crops of big photos do not alias.
     """
@@ -119,19 +119,24 @@ def warp_affine(image: torch.Tensor, m: torch.Tensor, size: int, antialias: bool
     window = _source_window(inv, size, h, w)
     if window is None:
         return image.new_zeros(size, size, c)
-    x0, y0, x1, y1 = window
-    roi = image[y0:y1, x0:x1].permute(2, 0, 1)[None].to(torch.float32).contiguous()  # a copy of the window only
+    # grid_sample reads the (H, W, C) image through an NCHW view: no copy, only the sampled pixels are touched
+    src = image.permute(2, 0, 1)[None]
+    if src.dtype != torch.float32:
+        x0, y0, x1, y1 = window  # other dtypes: convert only the window the crop covers
+        src = src[:, :, y0:y1, x0:x1].to(torch.float32)
+    else:
+        x0, y0 = 0, 0
+    rh, rw = src.shape[-2:]
     scale = math.sqrt(abs(float(torch.det(m[:, :2]))))
     k = max(1, math.ceil(0.5 / scale)) if antialias and scale < 0.5 else 1
     # sample positions in crop pixels: k per pixel, centred in the pixel's cell
     t = (torch.arange(size * k, dtype=torch.float32, device=image.device) + 0.5) / k - 0.5
     a = inv.to(torch.float32).to(image.device)
-    rw, rh = x1 - x0, y1 - y0
-    # align_corners=True: -1 and +1 are the centres of the window's first and last pixels
+    # align_corners=True: -1 and +1 are the centres of the first and last pixels
     gx = (t[None, :] * a[0, 0] + t[:, None] * a[0, 1] + (a[0, 2] - x0)) * (2.0 / max(rw - 1, 1)) - 1
     gy = (t[None, :] * a[1, 0] + t[:, None] * a[1, 1] + (a[1, 2] - y0)) * (2.0 / max(rh - 1, 1)) - 1
     grid = torch.stack([gx, gy], dim=-1)[None]
-    out = F.grid_sample(roi, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     if k > 1:
         out = F.avg_pool2d(out, k)
     return out[0].permute(1, 2, 0).clamp(0, 1).to(image.dtype if image.is_floating_point() else torch.float32)

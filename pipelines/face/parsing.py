@@ -1,19 +1,10 @@
-"""BiSeNet face parsing (19 CelebAMask-HQ classes) in plain torch, and a face-region mask built on it.
+"""Face parsing (19 CelebAMask-HQ classes) with facexlib's BiSeNet, and a face-region mask built on it.
 
-The network is the face-parsing BiSeNet that facexlib ships as ``parsing_bisenet.pth`` (release v0.2.0; the
-same network as the widely used face-parsing.PyTorch ``79999_iter.pth``). Parameter names match that file,
-so it loads unchanged. Architecture:
-
-* context path: a ResNet-18 backbone (7x7 stem, max-pool, four stages of two basic blocks; widths 64, 128,
-  256, 512) gives features at 1/8, 1/16 and 1/32. A global-average branch and attention-refinement modules
-  (ARM: conv, then channel gate sigmoid(BN(1x1 conv(mean)))) merge 1/32 into 1/16 and 1/16 into 1/8 by
-  nearest upsampling followed by 3x3 conv heads.
-* the "spatial path" is the backbone's 1/8 feature itself; a feature-fusion module (FFM) concatenates it with
-  the context feature, applies conv, then scales by (1 + squeeze-excite gate).
-* the main head predicts 19 logits at 1/8, bilinearly upsampled (align_corners=True) to the input size. Two
-  auxiliary heads (on the context features) exist only for training; they are computed on request.
-
-Input convention (as facexlib-based packs feed it): RGB, 512x512, ImageNet mean/std normalisation.
+facexlib is the source of the network: ``facexlib.parsing.bisenet.BiSeNet``, the model of its
+``parsing_bisenet.pth`` (release v0.2.0; the same network as face-parsing.PyTorch's ``79999_iter.pth``). This
+module only loads that file strictly (never through facexlib's downloader), feeds crops the way facexlib-based
+packs do (RGB, 512x512, ImageNet mean/std) and turns the labels into a face mask. facexlib is optional and
+imported only when a parser is loaded: without it, only the parsing choice is unavailable, with a message.
 
 Label order (CelebAMask-HQ as used by face-parsing.PyTorch): 0 background, 1 skin, 2 l_brow, 3 r_brow,
 4 l_eye, 5 r_eye, 6 eye_g (glasses), 7 l_ear, 8 r_ear, 9 ear_r (earring), 10 nose, 11 mouth, 12 u_lip,
@@ -28,15 +19,16 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...utils.files import load_state_dict_file
+from ...utils.state_dict import load_strict
+from .facexlib_support import import_facexlib
 
 logger = logging.getLogger(__name__)
 
@@ -53,170 +45,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 OFFICIAL_FILE = "parsing_bisenet.pth"
 
 
-@dataclass(frozen=True)
-class BiSeNetConfig:
-    num_classes: int = 19
-    stem_channels: int = 64
-    stage_channels: tuple[int, ...] = (64, 128, 256, 512)
-    blocks_per_stage: int = 2
-    context_channels: int = 128  # ARM / context-head width
-    fuse_channels: int = 256  # FFM and main-head width (1/8 backbone feature + context feature)
-    aux_mid_channels: int = 64
-    fuse_reduction: int = 4  # FFM squeeze-excite reduction
+def bisenet_class():
+    """facexlib's BiSeNet class (imported on first use)."""
+    import_facexlib("face parsing")
+    from facexlib.parsing.bisenet import BiSeNet
+
+    return BiSeNet
 
 
-# ----------------------------------------------------------------------------------------------
-# Building blocks (attribute names follow the official state dict)
-# ----------------------------------------------------------------------------------------------
+class _MainLogits(nn.Module):
+    """facexlib's BiSeNet returns (main, aux16, aux32) logits; the parser needs the main head only."""
 
-
-class ConvBNReLU(nn.Module):
-    def __init__(self, cin: int, cout: int, kernel: int = 3) -> None:
+    def __init__(self, net: nn.Module, num_classes: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
+        self.net = net
+        self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
-
-
-def _global_mean(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=(2, 3), keepdim=True)
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block; a 1x1 projection shortcut when width or stride changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample: Optional[nn.Sequential] = None
-        if cin != cout or stride != 1:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branch = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        skip = x if self.downsample is None else self.downsample(x)
-        return F.relu(skip + branch)
-
-
-class ResNet18Backbone(nn.Module):
-    """Returns the 1/8, 1/16 and 1/32 features (stages 2, 3, 4)."""
-
-    def __init__(self, cfg: BiSeNetConfig) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, cfg.stem_channels, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(cfg.stem_channels)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        cin = cfg.stem_channels
-        for i, cout in enumerate(cfg.stage_channels):
-            stride = 1 if i == 0 else 2
-            blocks = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout) for _ in range(cfg.blocks_per_stage - 1)]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            cin = cout
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x8 = self.layer2(self.layer1(x))
-        x16 = self.layer3(x8)
-        x32 = self.layer4(x16)
-        return x8, x16, x32
-
-
-class AttentionRefinement(nn.Module):
-    """conv, then a per-channel gate computed from the global mean of the result."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv = ConvBNReLU(cin, cout, 3)
-        self.conv_atten = nn.Conv2d(cout, cout, 1, bias=False)
-        self.bn_atten = nn.BatchNorm2d(cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feat = self.conv(x)
-        gate = torch.sigmoid(self.bn_atten(self.conv_atten(_global_mean(feat))))
-        return feat * gate
-
-
-class ContextPath(nn.Module):
-    def __init__(self, cfg: BiSeNetConfig) -> None:
-        super().__init__()
-        c16, c32 = cfg.stage_channels[2], cfg.stage_channels[3]
-        ctx = cfg.context_channels
-        self.resnet = ResNet18Backbone(cfg)
-        self.arm16 = AttentionRefinement(c16, ctx)
-        self.arm32 = AttentionRefinement(c32, ctx)
-        self.conv_head32 = ConvBNReLU(ctx, ctx, 3)
-        self.conv_head16 = ConvBNReLU(ctx, ctx, 3)
-        self.conv_avg = ConvBNReLU(c32, ctx, 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (backbone 1/8, context 1/8, context 1/16)."""
-        x8, x16, x32 = self.resnet(x)
-        global_ctx = self.conv_avg(_global_mean(x32))  # (N, C, 1, 1), broadcast over the 1/32 map
-        up32 = F.interpolate(self.arm32(x32) + global_ctx, size=x16.shape[2:], mode="nearest")
-        ctx16 = self.conv_head32(up32)
-        up16 = F.interpolate(self.arm16(x16) + ctx16, size=x8.shape[2:], mode="nearest")
-        ctx8 = self.conv_head16(up16)
-        return x8, ctx8, ctx16
-
-
-class FeatureFusion(nn.Module):
-    """Concatenate, conv, then scale by (1 + squeeze-excite gate)."""
-
-    def __init__(self, cin: int, cout: int, reduction: int) -> None:
-        super().__init__()
-        self.convblk = ConvBNReLU(cin, cout, 1)
-        self.conv1 = nn.Conv2d(cout, cout // reduction, 1, bias=False)
-        self.conv2 = nn.Conv2d(cout // reduction, cout, 1, bias=False)
-
-    def forward(self, spatial: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        feat = self.convblk(torch.cat([spatial, context], dim=1))
-        gate = torch.sigmoid(self.conv2(F.relu(self.conv1(_global_mean(feat)))))
-        return feat + feat * gate
-
-
-class SegmentationHead(nn.Module):
-    def __init__(self, cin: int, mid: int, num_classes: int) -> None:
-        super().__init__()
-        self.conv = ConvBNReLU(cin, mid, 3)
-        self.conv_out = nn.Conv2d(mid, num_classes, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.conv(x))
-
-
-class BiSeNet(nn.Module):
-    """(N, 3, H, W) normalised RGB -> (N, num_classes, H, W) logits. H and W: multiples of 32 work best."""
-
-    def __init__(self, config: Optional[BiSeNetConfig] = None) -> None:
-        super().__init__()
-        cfg = config or BiSeNetConfig()
-        self.config = cfg
-        self.num_classes = cfg.num_classes
-        ctx = cfg.context_channels
-        self.cp = ContextPath(cfg)
-        self.ffm = FeatureFusion(cfg.stage_channels[1] + ctx, cfg.fuse_channels, cfg.fuse_reduction)
-        self.conv_out = SegmentationHead(cfg.fuse_channels, cfg.fuse_channels, cfg.num_classes)
-        self.conv_out16 = SegmentationHead(ctx, cfg.aux_mid_channels, cfg.num_classes)  # training-only
-        self.conv_out32 = SegmentationHead(ctx, cfg.aux_mid_channels, cfg.num_classes)  # training-only
-
-    def forward(
-        self, x: torch.Tensor, with_aux: bool = False
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        size = x.shape[2:]
-        x8, ctx8, ctx16 = self.cp(x)
-        main = self._upsample(self.conv_out(self.ffm(x8, ctx8)), size)
-        if not with_aux:
-            return main
-        return main, self._upsample(self.conv_out16(ctx8), size), self._upsample(self.conv_out32(ctx16), size)
-
-    @staticmethod
-    def _upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+        out = self.net(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +122,8 @@ def _as_image_batch(images: torch.Tensor) -> tuple[torch.Tensor, bool]:
 class BiSeNetFaceParser:
     """``FaceParser`` on a BiSeNet: labels of an FFHQ-aligned crop and the face-region mask.
 
-    ``model`` maps (N, 3, 512, 512) ImageNet-normalised RGB to (N, C, 512, 512) logits (normally ``BiSeNet``).
+    ``model`` maps (N, 3, 512, 512) ImageNet-normalised RGB to (N, C, 512, 512) logits (normally facexlib's BiSeNet
+    as ``bisenet_from_state_dict`` returns it).
     ``face_classes`` lists the classes (names or indices) that count as face; ``soft`` makes the mask the summed
     softmax probability of those classes instead of a 0/1 argmax mask.
     """
@@ -294,7 +142,8 @@ class BiSeNetFaceParser:
         self.soft = bool(soft)
         if device is not None:
             model = model.to(device)
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)
+        self.module = self.model  # what a host (ComfyUI's ModelPatcher) moves between devices
 
     @property
     def device(self) -> torch.device:
@@ -362,10 +211,10 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") ->
     return dict(state)
 
 
-def bisenet_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "state dict") -> BiSeNet:
-    """Build a ``BiSeNet`` (class count read from the head) and load ``state`` into it, with clear errors.
+def bisenet_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "state dict") -> nn.Module:
+    """facexlib's BiSeNet (class count read from the head), built on the meta device and loaded strictly.
 
-    float32 tensors of ``state`` become the model's parameters without a copy (no second 50 MB in memory).
+    Returns a module mapping (N, 3, H, W) normalised RGB to (N, C, H, W) main-head logits.
     """
     state = _strip_prefix(state)
     head = state.get("conv_out.conv_out.weight")
@@ -377,30 +226,13 @@ def bisenet_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "st
             f"{source} is not a BiSeNet face-parsing state dict (no 'conv_out.conv_out.weight').{hint} "
             f"Use facexlib's {OFFICIAL_FILE} (release v0.2.0) or face-parsing.PyTorch's 79999_iter.pth."
         )
+    num_classes = int(head.shape[0])
+    BiSeNet = bisenet_class()
     with torch.device("meta"):  # shapes only: the file supplies every value, so skip the random init
-        model = BiSeNet(BiSeNetConfig(num_classes=int(head.shape[0])))
-    expected = model.state_dict()
-    # BatchNorm step counters do not affect inference; files from old torch versions lack them.
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match the BiSeNet face-parsing layout: {len(missing)} missing keys "
-            f"{missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}. "
-            f"Use facexlib's {OFFICIAL_FILE} (release v0.2.0) unchanged."
-        )
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(
-                f"{source}: tensor {k} has shape {tuple(v.shape)}, BiSeNet needs {tuple(expected[k].shape)}. "
-                f"The file is for a different network; use facexlib's {OFFICIAL_FILE}."
-            )
-    full = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    for k in optional - set(state):
-        full[k] = torch.zeros((), dtype=torch.long)
-    model.load_state_dict(full, strict=True, assign=True)
-    return model.eval()
+        net = BiSeNet(num_class=num_classes)
+    load_strict(net, {k: v.contiguous() for k, v in state.items()}, source=source, network="BiSeNet face-parsing",
+                assign=True, hint=f"Use facexlib's {OFFICIAL_FILE} (release v0.2.0) unchanged.")
+    return _MainLogits(net.eval(), num_classes).eval()
 
 
 def load_bisenet(
@@ -408,7 +240,7 @@ def load_bisenet(
     device: Union[str, torch.device] = "cpu",
     face_classes: Iterable[Union[str, int]] = DEFAULT_FACE_CLASSES,
     soft: bool = False,
-) -> BiSeNetFaceParser:
+) -> "BiSeNetFaceParser":
     """``BiSeNetFaceParser`` from ``parsing_bisenet.pth`` (weights-only torch pickle) or a ``.safetensors`` copy."""
     path = Path(path)
     if not path.is_file():
@@ -416,7 +248,8 @@ def load_bisenet(
             f"Face-parsing weights {path.name} not found in {path.parent}. Put facexlib's {OFFICIAL_FILE} "
             "(or a .safetensors copy) there, or run without a parsing model (the landmark hull mask is used)."
         )
-    state, _ = load_state_dict_file(path)
+    import_facexlib("face parsing")  # before reading 50 MB: a missing facexlib is the likelier problem
+    state, _ = load_state_dict_file(path, mmap=True)
     model = bisenet_from_state_dict(state, source=str(path))
     logger.info("Loaded BiSeNet face parsing (%d classes) from %s", model.num_classes, path)
     return BiSeNetFaceParser(model, face_classes=face_classes, soft=soft, device=device)

@@ -132,3 +132,35 @@ def test_no_face_error_names_the_image(comfy_server, default_substitutions):
     graph["3"]["inputs"]["no_face"] = "pass through"
     entry = _run(client, graph, default_substitutions)
     assert entry["outputs"]["4"]["images"]
+
+
+def test_retinaface_detector_runs_in_a_real_workflow(comfy_server, comfy_base_dir, facebooth_cache_dir, default_substitutions):
+    """facexlib's RetinaFace as the Face Analyzer (PyTorch) detector, in a real ComfyUI, with a random-weight
+    detection_Resnet50_Final.pth in facexlib's layout written here (cached between runs)."""
+    pytest.importorskip("facexlib")
+    import shutil
+
+    from facebooth.devmodels.face_models import write_random_retinaface
+
+    cached = facebooth_cache_dir / "retinaface_random_seed1.pth"
+    if not cached.is_file():
+        write_random_retinaface(cached, seed=1, dtype=__import__("torch").float16)  # fp16: half the size to cache
+    target = comfy_base_dir / "models" / "facebooth" / "face" / "retinaface" / "detection_Resnet50_Final.pth"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, target)
+    client = comfy_server.client
+    name = client.upload_image(_t1_jpg(), "facebooth_t1_retina.jpg")
+    analyzer = {"class_type": "FaceBoothFaceAnalyzerTorch",
+                "inputs": {**ANALYZER["inputs"], "detector": "retinaface (facexlib)", "det_size": 320}}
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "2": analyzer,
+        "3": {"class_type": "FaceBoothDetectFaces", "inputs": {"face_analyzer": ["2", 0], "image": ["1", 0], "mode": "detect",
+              "which_face": "all (left to right)", "face_index": 0, "no_face": "pass through"}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 4]}},
+        "5": {"class_type": "MaskToImage", "inputs": {"mask": ["3", 3]}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+    entry = _run(client, graph, default_substitutions)
+    # random weights: what it finds means nothing, but the detector ran on the photo and the node finished
+    assert entry["outputs"]["4"]["images"] and entry["outputs"]["6"]["images"]
