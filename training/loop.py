@@ -16,6 +16,7 @@ A script parses its arguments, builds its models and data, then hands :class:`Tr
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,27 @@ from .run_state import (
 log = logging.getLogger(__name__)
 
 Compute = Callable[[list[int], list[bool], SampleRandom], dict[str, Any]]
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, batch_size: int, max_steps: int | None, save_every: int = 1000,
+                      max_grad_norm: float = 1.0, lr_schedule: str = "constant", accumulation: bool = True,
+                      max_steps_help: str = "", batch_help: str = "") -> None:
+    """The options every script's :class:`TrainingRun` reads (script-specific defaults)."""
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help="per process: the global batch is this x processes x accumulation steps" + batch_help)
+    if accumulation:
+        p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear LR warmup (from 0)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=lr_schedule)
+    p.add_argument("--max-steps", type=int, default=max_steps, help=max_steps_help or None)
+    p.add_argument("--max-grad-norm", type=float, default=max_grad_norm, help="gradient clipping; 0: off")
+    p.add_argument("--no-flip", action="store_true", help="disable random horizontal flips")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=save_every, help="checkpoint and output files every N steps")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoints/step-* folder")
+    p.add_argument("--log-every", type=int, default=1)
 
 
 class TrainingRun:

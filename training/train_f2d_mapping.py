@@ -39,7 +39,7 @@ from ..pipelines.face2diffusion.loading import load_mapping, load_msid, save_map
 from ..pipelines.face2diffusion.mapping import F2DMapping, F2DMappingConfig
 from .distributed import RandomSlot, SampleRandom, per_sample_dropout
 from .f2d_data import FaceMappingDataset
-from .loop import TrainingRun
+from .loop import TrainingRun, add_run_arguments
 from .run_state import load_diffusers_sd
 
 log = logging.getLogger(__name__)
@@ -79,22 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp-dropout", type=float, default=TRAIN_EXPRESSION_DROPOUT)
     p.add_argument("--mapping-hidden", type=int, default=None, help="hidden width of a fresh mapping (default: the identity width)")
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument("--max-steps", type=int, default=100_000)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--no-flip", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true", help="UNet gradient checkpointing (less memory)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=1000)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoints/step-* folder")
-    p.add_argument("--log-every", type=int, default=1)
+    add_run_arguments(p, batch_size=32, max_steps=100_000, save_every=1000, max_grad_norm=1.0)
     return p
 
 

@@ -29,7 +29,7 @@ from ..pipelines.face2diffusion.loading import load_msid, save_msid
 from ..pipelines.face2diffusion.msid import MSIDConfig, MSIDEncoder, level_slices
 from .distributed import sync_batchnorm
 from .f2d_data import IdentityFolderDataset
-from .loop import TrainingRun
+from .loop import TrainingRun, add_run_arguments
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.5, help="ArcFace m")
     p.add_argument("--level-heads", action="store_true", help="also one ArcFace head per level (beyond eq. 3)")
     # optimisation
-    p.add_argument("--batch-size", type=int, default=1024, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
-    p.add_argument("--max-steps", type=int, default=None, help="default: --epochs worth of steps")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--max-grad-norm", type=float, default=5.0)
-    p.add_argument("--no-flip", action="store_true", help="disable random horizontal flips")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    p.add_argument("--seed", type=int, default=0)
     # run state
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint + msid.safetensors every N steps")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoints/step-* folder")
-    p.add_argument("--log-every", type=int, default=1)
+    add_run_arguments(p, batch_size=1024, max_steps=None, save_every=1000, max_grad_norm=5.0, lr_schedule="cosine", accumulation=False, max_steps_help="default: --epochs worth of steps")
     return p
 
 

@@ -56,7 +56,7 @@ from ..pipelines.instantbooth.prompt import DEFAULT_IDENTIFIER, PERSON_NOUNS
 from ..utils.files import sanitize_name
 from .datafiles import IMAGE_EXTS, find_by_stem, list_images, read_gray, read_rgb
 from .distributed import SampleRandom
-from .loop import TrainingRun
+from .loop import TrainingRun, add_run_arguments
 from .run_state import load_diffusers_sd
 
 log = logging.getLogger(__name__)
@@ -223,24 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-dim", type=int, default=768, help="patch-encoder output width of a fresh model")
     p.add_argument("--num-heads", type=int, default=8, help="adapter heads of a fresh model")
     p.add_argument("--no-augment", action="store_true", help="no reference augmentation (debugging only)")
-    p.add_argument("--batch-size", type=int, default=16, help="per process")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--lr-adapter", type=float, default=1e-6, help="paper: 1e-6")
     p.add_argument("--lr-heads", type=float, default=1e-4, help="FC layers of both encoders; paper: 1e-4")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument("--max-steps", type=int, default=320_000, help="paper: 320k (person), 200k (cat) at batch 16")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--no-flip", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=5000)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoints/step-* folder")
-    p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=0, help="log the loss on a fixed batch (fixed noise, no augmentation) every N steps; 0: off")
+    add_run_arguments(p, batch_size=16, max_steps=320_000, save_every=5000, max_grad_norm=1.0, max_steps_help="paper: 320k (person), 200k (cat) at batch 16")
     return p
 
 

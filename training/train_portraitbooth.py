@@ -67,7 +67,7 @@ from ..pipelines.portraitbooth.token_positions import (
 )
 from ..utils.files import atomic_save_safetensors
 from .distributed import SampleRandom
-from .loop import TrainingRun
+from .loop import TrainingRun, add_run_arguments
 from .portraitbooth_data import PortraitBoothDataset
 from .run_state import load_diffusers_sd
 
@@ -180,13 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-stea", default=None, help="continue from this STEA file")
     p.add_argument("--freeze-unet", action="store_true", help="train the STEA MLP only")
     p.add_argument("--resolution", type=int, default=None, help="training size (default: the prepared size)")
-    p.add_argument("--batch-size", type=int, default=2, help="per process (paper: 2)")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-5, help="constant learning rate (paper: 1e-5)")
     p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=150_000)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--rt", type=int, default=R_T, help="DIP: identity loss for timesteps t <= R_t")
     p.add_argument("--id-weight", type=float, default=1.0, help="weight of the DIP identity loss")
     p.add_argument("--beta", type=float, default=BETA)
@@ -197,15 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-prob", type=float, default=MASK_LOSS_PROB, help="share of samples with the noise loss on the face only")
     p.add_argument("--text-only-prob", type=float, default=TEXT_ONLY_PROB)
     p.add_argument("--uncond-prob", type=float, default=UNCOND_PROB)
-    p.add_argument("--no-flip", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the written unet.safetensors")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=1000)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoints/step-* folder")
-    p.add_argument("--log-every", type=int, default=1)
+    add_run_arguments(p, batch_size=2, max_steps=150_000, save_every=1000, max_grad_norm=1.0, batch_help=" (paper: 2)")
     return p
 
 
@@ -389,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params.append({"params": [p for p in unet.parameters() if p.requires_grad]})
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     run.restore({"stea": stea.fuse, "unet": unet}, optimizer)
-    lr_scheduler = run.scheduler(optimizer, "constant", args.warmup_steps, args.max_steps, [args.lr] * len(params))
+    lr_scheduler = run.scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.max_steps, [args.lr] * len(params))
     acc = run.accelerator
     if args.freeze_unet:  # a module without trainable parameters must not be wrapped for DDP
         fuse, optimizer = acc.prepare(stea.fuse, optimizer)
