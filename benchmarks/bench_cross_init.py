@@ -1,6 +1,6 @@
 """Cost of one Cross Initialization optimisation step vs a bare UNet forward + backward.
 
-    python benchmarks/bench_cross_init.py [--device cpu|cuda] [--size small|sd15|sd21] [--steps N]
+    python benchmarks/bench_cross_init.py [--device cpu|cuda] [--size small|sd15|sd21|sdxl-small|sdxl] [--steps N]
 
 Both run in this process, interleaved, on the same random-weight models, the same batch shape (latents,
 timesteps, 77-token context) and the same autocast setting. The baseline is the least any textual
@@ -10,6 +10,13 @@ AdamW. Sizes: ``small`` (tiny, for CPU), ``sd15`` (SD1.5 UNet + CLIP-L shapes), 
 + 23-layer OpenCLIP-H text tower). Only ratios count on a CPU; there the clock is the process CPU time, so
 other jobs on a shared machine disturb the figure less. The FLOP share of the text tower is printed so a
 size's proportions can be compared with real SD (CLIP-L ≈ 2-3 %, OpenCLIP-H ≈ 5-6 % of the UNet).
+
+SDXL sizes (``sdxl-small``: the KOALA-like test UNet of devmodels/sdxl_checkpoint.py, ``sdxl``: diffusers'
+full SDXL-base UNet config at 1024 px, batch 8, for a GPU; both with full-size CLIP-L and CLIP-G, random
+weights): the baseline is a bare forward + backward through the same UNet *and both text encoders* (token
+ids -> context + pooled output -> UNet with its size/crop ids -> MSE -> backward to the injected vectors),
+because on SDXL the text towers are a large part of the work, and the figure is
+``cross_init_sdxl_step_over_unet_te_fwd_bwd``.
 """
 from __future__ import annotations
 
@@ -39,7 +46,47 @@ SIZES = {
                  batch=8, linear_proj=False, vocab="clip"),
     "sd21": dict(blocks=(320, 640, 1280, 1280), heads=(5, 10, 20, 20), ctx=1024, text_layers=23, text_heads=16,
                  ffn=4096, latent=64, batch=8, linear_proj=True, vocab="clip"),
+    "sdxl-small": dict(ctx=2048, latent=16, batch=2, text_layers=12 + 32, sdxl=True),
+    "sdxl": dict(ctx=2048, latent=128, batch=8, text_layers=12 + 32, sdxl=True),
 }
+
+# diffusers' SDXL-base UNet config (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json values).
+SDXL_BASE_UNET = dict(
+    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+
+def build_sdxl_backend(size: str, device: str):
+    """SDXL backend with random weights: UNet per size, full-size CLIP-L and CLIP-G (pooled) towers."""
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from facebooth.devmodels.sdxl_checkpoint import unet_diffusers_config
+    from facebooth.pipelines.textual_inversion import TextTower
+    from facebooth.pipelines.textual_inversion.diffusers_backend import DiffusersSDXLBackend
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**(unet_diffusers_config() if size == "sdxl-small" else SDXL_BASE_UNET))
+    tok = PromptTokenizer.from_hf(_tokenizer("clip"))
+    # SDXL conditions on the penultimate layer of both towers, without the final LayerNorm.
+    clip_l = CLIPTextEncoder(CLIPTextEncoderConfig(hidden_layers=11, final_layer_norm=False))
+    clip_g = CLIPTextEncoder(CLIPTextEncoderConfig(
+        hidden_size=1280, num_layers=32, num_heads=20, intermediate_size=5120, hidden_act="gelu",
+        hidden_layers=31, final_layer_norm=False, projection_dim=1280,
+    ))
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return DiffusersSDXLBackend(
+        unet, vae, TextTower("clip_l", clip_l, tok), TextTower("clip_g", clip_g, replace(tok, pad_id=0)), sched,
+        device=device,
+    )
 
 
 def _tokenizer(kind: str):
@@ -99,6 +146,8 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     s = SIZES[args.size]
+    if s.get("sdxl"):
+        return run_sdxl(args)
     backend = build_backend(args.size, args.device)
     batch, side = s["batch"], s["latent"]
     # The VAE above halves the resolution; choose pixels so the latents are side x side.
@@ -168,6 +217,68 @@ def main() -> None:
     print(f"ratio of medians {step / unet:.3f}, of minima {min(step_times) / min(unet_times):.3f}, "
           f"median of paired ratios {ratio:.3f}")
     print(f"RESULT cross_init_step_over_unet_fwd_bwd {ratio:.3f} target <= 1.25")
+
+
+def run_sdxl(args) -> None:
+    from facebooth.pipelines.text_encoder import batch_tokenize_with_slots
+
+    s = SIZES[args.size]
+    backend = build_sdxl_backend(args.size, args.device)
+    batch, side = s["batch"], s["latent"]
+    images = torch.rand(1, side * 2, side * 2, 3)  # the stand-in VAE halves the resolution
+    job = ci.CrossInitRun(backend, images, replace_settings(side * 2, batch))
+    engine: TextualInversionEngine = job.engine
+    amp = engine._amp_dtype
+
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(batch, 4, side, side, generator=gen).to(args.device)
+    noise = torch.randn(latents.shape, generator=gen).to(args.device)
+    t = torch.randint(0, 1000, (batch,), generator=gen).to(args.device)
+    prompts = ci.training_prompts()[:batch]
+    towers = {tw.key: tw for tw in backend.text_encoders}
+    tokens = {k: batch_tokenize_with_slots(tw.tokenizer, prompts, ci.PLACEHOLDERS, device=args.device) for k, tw in towers.items()}
+    eos = (tokens["clip_g"][0] == towers["clip_g"].tokenizer.eos_id).int().argmax(-1)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in job.init.items()}
+
+    def bare() -> None:
+        with torch.autocast("cuda", dtype=amp) if amp else torch.autocast("cpu", enabled=False):
+            outs = {k: towers[k].encoder(tokens[k][0], slot_ids=tokens[k][1], slot_vectors=leaves[k].to(args.device),
+                                         pooled_positions=eos if k == "clip_g" else None) for k in towers}
+            cond = {"context": torch.cat([outs["clip_l"].last_hidden_state, outs["clip_g"].last_hidden_state], -1),
+                    "pooled": outs["clip_g"].pooled}
+            pred = backend.predict(backend.add_noise(latents, noise, t), t, cond)
+        loss = F.mse_loss(pred.float(), noise.float())
+        for v in leaves.values():
+            v.grad = None
+        loss.backward()
+        float(loss.detach())
+
+    clock = time.perf_counter if args.device == "cuda" else time.process_time
+
+    def timed(fn) -> float:
+        _sync(args.device)
+        start = clock()
+        fn()
+        _sync(args.device)
+        return clock() - start
+
+    for _ in range(2):
+        engine.step()
+        bare()
+    step_times, bare_times = [], []
+    for _ in range(args.steps):
+        step_times.append(timed(engine.step))
+        bare_times.append(timed(bare))
+    ratio = statistics.median(a / b for a, b in zip(step_times, bare_times))
+    print(f"device={args.device} size={args.size} batch={batch} latents={side}x{side} towers=CLIP-L+CLIP-G (full size) "
+          f"autocast={amp} threads={torch.get_num_threads()} clock={'wall' if args.device == 'cuda' else 'process CPU time'}")
+    print(f"cross_init SDXL step          median {statistics.median(step_times) * 1000:9.1f} ms  (min {min(step_times) * 1000:.1f})")
+    print(f"bare UNet + both TE fwd+bwd   median {statistics.median(bare_times) * 1000:9.1f} ms  (min {min(bare_times) * 1000:.1f})")
+    print(f"RESULT cross_init_sdxl_step_over_unet_te_fwd_bwd {ratio:.3f} target <= 1.15")
+
+
+def replace_settings(resolution: int, batch: int):
+    return ci.make_settings("full", resolution=resolution, batch_size=batch)
 
 
 if __name__ == "__main__":

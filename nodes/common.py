@@ -89,7 +89,7 @@ def placeholder_image(size: int = 64) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- base-model families
 _FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # FaceBooth methods that run on SDXL-family checkpoints (named in the errors of those that do not).
-SDXL_METHODS = "Cross Initialization"
+SDXL_METHODS = "Cross Initialization"  # (PersonaMagic and MultiDiffusion on SDXL: not yet)
 
 
 class WrongFamilyError(ValueError):

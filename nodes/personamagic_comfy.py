@@ -25,6 +25,7 @@ from ..pipelines.personamagic.attention import KVCond
 from ..pipelines.personamagic.stages import ScheduleRange, timestep_ranges_to_percents
 from ..pipelines.personamagic.vpath import ValuePathPatch
 from ..pipelines.textual_inversion.backend import TextTower
+from .common import require_family
 from .ti_comfy_backend import ComfyTIBackend, UnsupportedModelError, clip_tower_keys, text_tower_from_clip
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class ComfyPersonaMagicBackend(ComfyTIBackend):
     supports_kv = True
 
     def __init__(self, model, clip, vae, **kwargs):
+        require_family("PersonaMagic", ("sd1", "sd2"), model=model, clip=clip)  # before any tower is built
         super().__init__(model, clip, vae, **kwargs)
         if self.family not in ("sd1", "sd2"):
             raise UnsupportedModelError("PersonaMagic supports SD1.x and SD2.x checkpoints")

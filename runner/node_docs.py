@@ -18,6 +18,22 @@ def _cell(text) -> str:
     return str(text or "").replace("|", "\\|").replace("\n", " ")
 
 
+# Which base-model families each method runs on (kept here so the generated reference states it).
+FAMILY_TABLE = [
+    '## Base-model families',
+    '',
+    '| method | SD1.x | SD2.x | SDXL family (SDXL, Pony, Illustrious, SSD-1B, Vega, KOALA) |',
+    '|---|---|---|---|',
+    '| Cross Initialization | yes | yes | yes: both text encoders, file holds `clip_l` + `clip_g` |',
+    '| PersonaMagic | yes | yes | not yet: refused before training, naming both families |',
+    '| MultiDiffusion | yes | yes | not yet (SDXL regions need their own pooled output and size conditioning) |',
+    '| Face2Diffusion | yes | no | no: refused before sampling, naming both families and what to use |',
+    '| PortraitBooth (FastComposer weights) | yes | no | no: refused before sampling, naming both families and what to use |',
+    '| InstantBooth | yes | no | no: refused before sampling, naming both families and what to use |',
+    '',
+]
+
+
 def render_node_docs(object_info: dict) -> str:
     nodes = {k: v for k, v in object_info.items() if k.startswith(PREFIX)}
     lines = [
@@ -26,6 +42,7 @@ def render_node_docs(object_info: dict) -> str:
         "Generated from a running ComfyUI's `/object_info` by `python -m facebooth examples --write-ui`;",
         "do not edit by hand. Every input and output carries the tooltip shown here.",
         "",
+        *FAMILY_TABLE,
     ]
     by_category: dict[str, list[str]] = {}
     for node_id, info in nodes.items():

@@ -167,7 +167,8 @@ def test_shipped_settings_are_real_and_test_sizes_come_from_placeholders(api_pat
         if node["class_type"] == "KSampler":
             assert 20 <= ins["steps"] <= 30, nid
         if node["class_type"] == "FaceBoothCrossInitialization":
-            assert ins["preset"] == "fast" and ins["resolution"] == 512
+            native = 1024 if ex.workflow_name(api_path).endswith("_sdxl") else 512  # SDXL trains at 1024 px
+            assert ins["preset"] == "fast" and ins["resolution"] == native
         if node["class_type"] == "FaceBoothDetectFaces" and ex.workflow_name(api_path) != "face_aligned_insightface":
             assert ins["mode"] == "detect", nid
     # The runner's test values reach the same inputs (so CI runs stay small).

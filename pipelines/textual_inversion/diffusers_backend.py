@@ -126,3 +126,40 @@ class DiffusersBackend(TIBackend):
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.vae] + super().frozen_modules()
+
+
+class DiffusersSDXLBackend(DiffusersBackend):
+    """SDXL over diffusers modules: CLIP-L + CLIP-G towers (CLIP-G built with ``pooled=True``), the UNet's
+    ``text_time`` added conditioning from the pooled output and (original size, crop 0 0, target size)."""
+
+    def __init__(self, unet, vae, clip_l: TextTower, clip_g: TextTower, scheduler, *,
+                 device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+        if not clip_g.encoder.config.projection_dim:
+            raise ValueError("the CLIP-G tower needs its text projection (build it with pooled=True)")
+        self.family = "sdxl"
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = _place(unet, self.device, dtype)
+        self.vae = _place(vae, self.device, dtype)
+        for tower in (clip_l, clip_g):
+            tower.encoder = _place(tower.encoder, self.device, dtype)
+        self.text_encoders = [clip_g, clip_l]  # sorted keys, as the ComfyUI backend lists them
+        self.scheduler = scheduler
+        self.alphas_cumprod = scheduler.alphas_cumprod.float()
+        self.prediction_type = scheduler.config.prediction_type
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", 0.13025))
+        width = clip_l.dim + clip_g.dim
+        if getattr(unet.config, "cross_attention_dim", width) != width:
+            raise ValueError(f"The UNet expects {unet.config.cross_attention_dim}-wide context, the towers give {width}.")
+
+    def encode_prompts(self, prompts, placeholders, vectors) -> Any:
+        towers = {t.key: t for t in self.text_encoders}
+        l_out = towers["clip_l"].encode(prompts, placeholders, vectors["clip_l"])
+        g_out = towers["clip_g"].encode(prompts, placeholders, vectors["clip_g"])
+        return {"context": torch.cat([l_out.last_hidden_state, g_out.last_hidden_state], dim=-1), "pooled": g_out.pooled}
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
+        h, w = (s * 8 for s in noisy_latents.shape[-2:])
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond["pooled"].dtype, device=noisy_latents.device)
+        added = {"text_embeds": cond["pooled"], "time_ids": time_ids.expand(noisy_latents.shape[0], -1)}
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=cond["context"], added_cond_kwargs=added).sample
