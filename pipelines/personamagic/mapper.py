@@ -6,7 +6,8 @@ Layout and constants follow the official code (xzhe-Vision/PersonaMagic, NeTI-ba
 * time code: the standard sinusoidal embedding of the integer timestep, ``time_dim`` = 2048 wide
   (1024 cosines then 1024 sines, frequencies exp(−ln(10000)·k/1024));
 * ``input_layer`` Linear(2048 → 200), its weight initialised to the time codes of the anchor timesteps
-  400, 402, …, 798 (so its output is a bank of kernels cos-similar to each anchor); trainable;
+  400, 402, …, 798 (so its output is a bank of kernels cos-similar to each anchor); trainable. The anchors
+  span the dynamic stage: with the IoU stage partition they follow the stage found (``set_anchors``);
 * ``timestep_proj``: Linear → LayerNorm → LeakyReLU, twice, to a 128-d time feature;
 * base tokens: ``output_layer`` Linear(128 → N·D), plus the supercategory word embedding, then each row
   renormalised to that word's norm (``target_norm``);
@@ -24,7 +25,7 @@ are the official ones.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -49,7 +50,7 @@ class MapperConfig:
     def __post_init__(self) -> None:
         if self.time_dim % 2:
             raise ValueError(f"time_dim must be even (cos and sin halves), got {self.time_dim}")
-        if self.num_anchors < 1 or self.anchor_end - self.anchor_start < self.num_anchors:
+        if self.num_anchors < 1 or self.anchor_end <= self.anchor_start:
             raise ValueError(
                 f"{self.num_anchors} anchors do not fit between timesteps {self.anchor_start} and {self.anchor_end}"
             )
@@ -61,8 +62,10 @@ class MapperConfig:
 
     @property
     def anchors(self) -> torch.Tensor:
-        """Anchor timesteps: range(start, end, (end − start) // num_anchors), as the official code."""
-        step = (self.anchor_end - self.anchor_start) // self.num_anchors
+        """Anchor timesteps start + k·(end − start)/num_anchors: the official range(start, end, (end − start) //
+        num_anchors) whenever num_anchors divides the stage (400..798 step 2), and still spread over the whole
+        stage when it does not (a stage found by IoU may be narrower than 200 timesteps)."""
+        step = (self.anchor_end - self.anchor_start) / self.num_anchors
         return torch.arange(self.num_anchors, dtype=torch.float64) * step + self.anchor_start
 
 
@@ -112,6 +115,15 @@ class PersonaMagicMapper(nn.Module):
         word = word_embedding.detach().float().clone()
         self.register_buffer("word_embedding", word, persistent=False)
         self.register_buffer("target_norm", word.norm(), persistent=False)
+
+    @torch.no_grad()
+    def set_anchors(self, start: int, end: int) -> None:
+        """Move the anchors to the dynamic stage [start, end) and re-initialise ``input_layer``'s weight to their
+        time codes (the official initialisation, for the stage actually trained)."""
+        self.config = replace(self.config, anchor_start=int(start), anchor_end=int(end))
+        c = self.config
+        w = self.input_layer.weight
+        w.copy_(sinusoidal_time_code(c.anchors, c.time_dim, c.max_period).to(w.device, w.dtype))
 
     def time_feature(self, timesteps: torch.Tensor) -> torch.Tensor:
         code = sinusoidal_time_code(timesteps, self.config.time_dim, self.config.max_period)

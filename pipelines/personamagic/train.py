@@ -49,7 +49,9 @@ TRAIN_TEMPLATES: tuple[str, ...] = (
     "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
 )
 
-# Editing prompts for Tandem Equilibrium (our own list of 20, "{}" = the tokens).
+# Editing prompts for Tandem Equilibrium, "{}" = the tokens. The paper's pool has 40 prompts (supplement: "40 text
+# prompts for the TE strategy were generated using ChatGPT"; they are not published, and the released code has 20).
+# Ours: 40 of our own wording over clothing, actions, styles and places.
 TE_PROMPTS: tuple[str, ...] = (
     "a {} is reading a book", "a {} wearing a santa hat", "a {} in an astronaut suit", "a {} as a chef in a kitchen",
     "a painting of a {} in the style of van gogh", "a {} wearing sunglasses on the beach", "a {} riding a bicycle",
@@ -57,6 +59,13 @@ TE_PROMPTS: tuple[str, ...] = (
     "a {} playing the guitar", "a {} in the snow wearing a scarf", "a {} on the cover of a magazine",
     "a {} drinking coffee in a cafe", "a {} wearing a crown", "a watercolor portrait of a {}",
     "a {} in front of the eiffel tower", "a {} holding a bouquet of roses", "a {} as a knight in armour",
+    "a {} surfing a big wave", "a {} hiking in the mountains", "a {} in a business suit in an office",
+    "a pencil sketch of a {}", "a {} playing chess in a park", "a {} wearing a firefighter uniform",
+    "a {} holding an umbrella in the rain", "a pixel art portrait of a {}", "a {} painting on an easel",
+    "a {} walking a dog on the street", "a {} wearing headphones in a recording studio", "a {} as a pirate on a ship",
+    "a {} skiing down a snowy slope", "a marble statue of a {}", "a {} drinking tea in a garden",
+    "a {} wearing a graduation cap", "a {} dancing at a party", "a {} as an anime character",
+    "a {} playing basketball", "a {} eating a slice of pizza",
 )
 
 
@@ -316,6 +325,10 @@ class PersonaMagicEngine(TextualInversionEngine):
             fallback=replace(PRESETS["official"], num_timesteps=T),
         )
         self.pending_partition = False
+        # The mapper's anchors follow the stage found (officially they span the trained stage, 400..800).
+        mapper = self.embeddings.mapper
+        mapper.set_anchors(self.plan.t_low, self.plan.t_high)
+        self.optimizer.state.pop(mapper.input_layer.weight, None)  # its Adam moments belonged to the old anchors
         log.info("PersonaMagic stages (%s): dynamic [%d, %d]; IoU %s", self.plan.source, self.plan.t_low,
                  self.plan.t_high, {t: round(v, 3) for t, v in sorted(self.ious.items())})
         return self.plan
@@ -368,8 +381,10 @@ class PersonaMagicRun:
             if image_embeds.shape[0] not in (1, self.pixels.shape[0]):
                 raise ValueError(f"{image_embeds.shape[0]} image embeddings for {self.pixels.shape[0]} reference images")
             image_embeds = image_embeds.expand(self.pixels.shape[0], -1)
+        plan = self.settings.initial_plan(backend.num_train_timesteps)
         config = MapperConfig(
             token_num=self.settings.token_num, word_dim=tower.dim, num_anchors=self.settings.num_anchors,
+            anchor_start=plan.t_low, anchor_end=plan.t_high,  # the trained stage (the IoU partition moves them)
             image_dim=image_embeds.shape[-1] if image_embeds is not None else 512,
             output_bypass=image_embeds is not None,
         )
