@@ -104,7 +104,7 @@ class CLIPScore(io.ComfyNode):
         scorer, patcher = _CACHE.get((path, arch, device), load)
         load_managed(patcher)
         scorer.device = patcher.load_device
-        hooks = comfy_hooks(n, cls.hidden.unique_id)
+        hooks = comfy_hooks(n, cls.hidden.unique_id if cls.hidden is not None else None)
         feats = []
         for start in range(0, n, scorer.batch_size):
             hooks.check_interrupt()
