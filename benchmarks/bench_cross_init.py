@@ -135,6 +135,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _timer(device: str):
+    """Time one call: wall clock on a GPU, process CPU time on a CPU (less disturbed by other jobs)."""
+    clock = time.perf_counter if device == "cuda" else time.process_time
+
+    def timed(fn) -> float:
+        _sync(device)
+        start = clock()
+        fn()
+        _sync(device)
+        return clock() - start
+
+    return timed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -171,15 +185,7 @@ def main() -> None:
         loss.backward()
         float(loss.detach())  # the engine reads its loss every step too
 
-    clock = time.perf_counter if args.device == "cuda" else time.process_time
-
-    def timed(fn) -> float:
-        _sync(args.device)
-        start = clock()
-        fn()
-        _sync(args.device)
-        return clock() - start
-
+    timed = _timer(args.device)
     prompts = ci.training_prompts()[:batch]
 
     def text_only() -> None:
@@ -253,15 +259,7 @@ def run_sdxl(args) -> None:
         loss.backward()
         float(loss.detach())
 
-    clock = time.perf_counter if args.device == "cuda" else time.process_time
-
-    def timed(fn) -> float:
-        _sync(args.device)
-        start = clock()
-        fn()
-        _sync(args.device)
-        return clock() - start
-
+    timed = _timer(args.device)
     for _ in range(2):
         engine.step()
         bare()

@@ -387,8 +387,8 @@ def load_reference_models(path: str | Path):
 # ----------------------------------------------------------------------------------------------------
 
 
-def read_fingerprint(path: str | Path) -> str | None:
-    """The fingerprint recorded in an existing checkpoint, or None when absent / unreadable."""
+def read_fingerprint(path: str | Path, kind: str = METADATA_KIND) -> str | None:
+    """The fingerprint recorded in an existing checkpoint of ``kind``, or None when absent / unreadable / foreign."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -399,7 +399,7 @@ def read_fingerprint(path: str | Path) -> str | None:
             meta = f.metadata() or {}
     except Exception:  # truncated or foreign file: regenerate
         return None
-    if meta.get("facebooth.kind") != METADATA_KIND:
+    if meta.get("facebooth.kind") != kind:
         return None
     return meta.get("facebooth.fingerprint")
 

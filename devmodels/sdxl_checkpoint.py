@@ -34,6 +34,7 @@ import torch
 
 from ..utils.files import atomic_save_safetensors
 from .sd15_checkpoint import CLIP_L_TEXT_CONFIG, diffusers_unet_to_ldm
+from .sd15_checkpoint import read_fingerprint as read_checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -253,20 +254,8 @@ def ldm_state_dict(cfg: TinySDXLConfig = TinySDXLConfig()) -> dict[str, torch.Te
 
 # ---------------------------------------------------------------------------------------------- file
 def read_fingerprint(path: str | Path) -> str | None:
-    """The fingerprint recorded in an existing checkpoint, or None when absent / unreadable / foreign."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # truncated or foreign file: regenerate
-        return None
-    if meta.get("facebooth.kind") != METADATA_KIND:
-        return None
-    return meta.get("facebooth.fingerprint")
+    """The fingerprint recorded in an existing random SDXL checkpoint, or None when absent / unreadable / foreign."""
+    return read_checkpoint_fingerprint(path, METADATA_KIND)
 
 
 def write_random_sdxl_checkpoint(path: str | Path, cfg: TinySDXLConfig = TinySDXLConfig(), *, force: bool = False) -> Path:

@@ -2,6 +2,11 @@
 
 The fusion runs inside ComfyUI's APPLY_MODEL wrapper (``ModelPatcher.add_wrapper_with_key``), so it works
 with every sampler and scheduler, composes with other packs' wrappers and patches, and patches nothing.
+
+SDXL family: each region prompt carries its own ``y``, made by the model's own ``encode_adm`` from the
+region's pooled output and the size/crop values of its conditioning (ComfyUI's defaults when absent: the
+canvas size, crop 0, 0), computed once per canvas size at the first step. Views default to the model's
+native size (window_size 0: 512 px SD1.x/SD2.x, 1024 px = 128 latents SDXL).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 CATEGORY = "FaceBooth/MultiDiffusion"
 WRAPPER_KEY = "facebooth_multidiffusion"
 LATENT_FACTOR = 8  # SD1.x / SD2.x / SDXL VAEs
+NATIVE_SIZE = {768: 512, 1024: 512, 2048: 1024}  # px by text width: SD1.x, SD2.x(-base), SDXL family
 BOX_RESOLUTION = 1024  # boxes are drawn at this size and resized with the mask rule
 BOOTSTRAP_POOL = 20  # official: 20 constant-colour backgrounds
 BOOTSTRAP_ENCODE_SIZE = 64  # px; the latent of a constant image is constant away from the border
@@ -91,7 +97,8 @@ class MultiDiffusionRegion(io.ComfyNode):
         return io.NodeOutput(previous + [RegionSpec(conditioning, region_mask, f"region {len(previous) + 1}")])
 
 
-def _region_prompts(conditioning: list, model_sampling: Any) -> list[RegionPrompt]:
+def _region_prompts(conditioning: list, model_sampling: Any, options: Optional[list] = None) -> list[RegionPrompt]:
+    """RegionPrompts of one region's conditioning; ``options`` collects (prompt, its conditioning dict) pairs."""
     prompts = []
     for cond, opts in conditioning:
         start, end = opts.get("start_percent", 0.0), opts.get("end_percent", 1.0)
@@ -100,11 +107,32 @@ def _region_prompts(conditioning: list, model_sampling: Any) -> list[RegionPromp
             sigma_start=None if start <= 0.0 else float(model_sampling.percent_to_sigma(start)),
             sigma_end=None if end >= 1.0 else float(model_sampling.percent_to_sigma(end)),
         ))
+        if options is not None:
+            options.append((prompts[-1], opts))
     return prompts
 
 
-def make_wrapper(md: MultiDiffusion, model_sampling: Any, base_model: Any, bootstrap_sigma: Optional[float]):
+def region_adm(base_model: Any, options: list, height: int, width: int, device) -> None:
+    """Set each SDXL region prompt's own ``y`` (pooled output + size/crop embedding) for a canvas of
+    ``height`` x ``width`` pixels, as ComfyUI builds ``y`` for a prompt (same defaults)."""
+    encode = getattr(base_model, "encode_adm", None)
+    if encode is None or not getattr(base_model, "adm_channels", 0):
+        return
+    for prompt, opts in options:
+        if opts.get("pooled_output") is None:
+            continue
+        params = {k: v for k, v in opts.items() if k != "pooled_output"}
+        params.update(width=opts.get("width", width), height=opts.get("height", height))
+        y = encode(pooled_output=opts["pooled_output"].to(device), device=device, prompt_type="positive",
+                   **{k: v for k, v in params.items() if k not in ("device", "prompt_type")})
+        if y is not None:
+            prompt.extras["y"] = y.to(device)
+
+
+def make_wrapper(md: MultiDiffusion, model_sampling: Any, base_model: Any, bootstrap_sigma: Optional[float],
+                 options: Optional[list] = None):
     """The APPLY_MODEL wrapper: one host batch in, the region-fused prediction out."""
+    adm_for: list = [None]  # the canvas size (and device) the regions' own y were made for
 
     def fits(n: int, shape: tuple) -> bool:
         try:
@@ -134,6 +162,12 @@ def make_wrapper(md: MultiDiffusion, model_sampling: Any, base_model: Any, boots
         extras = dict(kwargs)
         if c_concat is not None:
             extras["c_concat"] = c_concat
+        key = (tuple(x.shape[-2:]), x.device)
+        if options and "y" in extras and adm_for[0] != key:
+            region_adm(base_model, options, x.shape[-2] * LATENT_FACTOR, x.shape[-1] * LATENT_FACTOR, x.device)
+            adm_for[0] = key
+            log.info("FaceBooth MultiDiffusion: %d region prompt(s) use their own pooled output and size conditioning (%dx%d px).",
+                     sum("y" in p.extras for p, _ in options), x.shape[-1] * LATENT_FACTOR, x.shape[-2] * LATENT_FACTOR)
         mm.throw_exception_if_processing_interrupted()
         return md(
             apply, x, t, c_crossattn, flags,
@@ -165,8 +199,9 @@ class MultiDiffusionSampling(io.ComfyNode):
                 io.Float.Input("bootstrap_fraction", default=DEFAULT_BOOTSTRAP, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of the steps in which each region is denoised over a random constant-colour background "
                                "(the paper: 0.4). Sharpens region borders. 0 = off (no VAE needed)."),
-                io.Int.Input("window_size", default=512, min=64, max=8192, step=8,
-                             tooltip="View size in pixels: the model's native size (512 for SD1.5). Larger canvases are covered by overlapping views."),
+                io.Int.Input("window_size", default=512, min=0, max=8192, step=8,
+                             tooltip="View size in pixels: the model's native size (512 for SD1.5, 1024 for SDXL). 0 = that native size, "
+                             "read from the model. Larger canvases are covered by overlapping views."),
                 io.Int.Input("window_stride", default=64, min=8, max=8192, step=8,
                              tooltip="Distance between views in pixels (the paper: 64). Smaller = more views, smoother, slower."),
                 io.Int.Input("max_batch", default=0, min=0, max=1024,
@@ -185,7 +220,13 @@ class MultiDiffusionSampling(io.ComfyNode):
             raise ValueError("No regions: connect at least one MultiDiffusion Region.")
         patched = model.clone()
         model_sampling = patched.get_model_object("model_sampling")
-        specs = [Region(prompts=_region_prompts(r.conditioning, model_sampling), mask=r.mask, name=r.name) for r in regions]
+        options: list = []
+        specs = [Region(prompts=_region_prompts(r.conditioning, model_sampling, options), mask=r.mask, name=r.name) for r in regions]
+        context_dim = patched.model.model_config.unet_config.get("context_dim")
+        if window_size == 0:
+            window_size = NATIVE_SIZE.get(context_dim, 512)
+        elif context_dim == 2048 and window_size < 1024:
+            log.info("FaceBooth MultiDiffusion: SDXL models are native at 1024 px; window_size %d gives smaller views.", window_size)
         latents = None
         if bootstrap_fraction > 0:
             if vae is None:
@@ -199,7 +240,7 @@ class MultiDiffusionSampling(io.ComfyNode):
         )
         md = MultiDiffusion(specs, config, bootstrap_latents=latents)
         sigma_limit = float(model_sampling.percent_to_sigma(bootstrap_fraction)) if bootstrap_fraction > 0 else None
-        wrapper = make_wrapper(md, model_sampling, patched.model, sigma_limit)
+        wrapper = make_wrapper(md, model_sampling, patched.model, sigma_limit, options)
         patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
         log.info("FaceBooth MultiDiffusion: %d region(s), window %d px / stride %d px, bootstrapping %.0f%% of the steps.",

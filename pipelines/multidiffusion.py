@@ -26,6 +26,10 @@ each next latent is affine in the prediction with the same coefficients for all 
   into as few denoiser calls as the batch limit allows, contexts of different lengths repeated to their
   least common multiple (attention over a repeated context equals attention over the original).
 
+* SDXL: a region prompt may bring its own model inputs (``RegionPrompt.extras``, e.g. ``y`` = its own pooled
+  output + size conditioning); its jobs use them instead of the host's, the background and negative jobs
+  keep the host's.
+
 Host-independent: the host supplies ``apply(x, sigma, context, extras, flags, uuids) -> denoised`` for a
 stacked batch, and (for bootstrapping) ``noise_scaling(sigma, noise, latent)``.
 """
@@ -64,6 +68,9 @@ class RegionPrompt:
     context: torch.Tensor  # (1 or B, L, D)
     sigma_start: Optional[float] = None
     sigma_end: Optional[float] = None
+    # Model inputs of this prompt that replace the host's for its jobs, (1 or B, ...) tensors: SDXL's ``y``
+    # (the prompt's own pooled output + size conditioning), set by the host before sampling.
+    extras: dict = field(default_factory=dict)
 
     def active(self, sigma: float) -> bool:
         if self.sigma_start is not None and sigma > self.sigma_start:
@@ -158,6 +165,7 @@ class _Job:
     context: torch.Tensor  # (B, L, D)
     flag: int
     uuid: Any = None
+    extras: Optional[dict] = None  # the region prompt's own model inputs (replace the host's)
 
 
 @dataclass
@@ -276,7 +284,7 @@ class MultiDiffusion:
                     for p in active:
                         ctx = p.context.to(x.device)
                         ctx = ctx.expand(b, -1, -1) if ctx.shape[0] == 1 else ctx
-                        jobs.append(_Job(ci, v, m, x_in, ctx, flag, uuids[ci]))
+                        jobs.append(_Job(ci, v, m, x_in, ctx, flag, uuids[ci], p.extras or None))
 
         preds = self._run(apply, jobs, sigma.reshape(-1)[:1].expand(1).to(x.device), b, extras, x, fits)
 
@@ -305,7 +313,7 @@ class MultiDiffusion:
                 xb = torch.cat([j.x for j in batch])
                 ctx = torch.cat([_repeat_to(j.context, length) for j in batch]).to(x.device)
                 sb = sigma.expand(xb.shape[0]).to(x.dtype) if sigma.numel() == 1 else sigma
-                eb = {k: self._slice_extra(v, batch, b, x) for k, v in extras.items()}
+                eb = {k: self._slice_extra(v, batch, b, x, k) for k, v in extras.items()}
                 out = apply(xb, sb, ctx, eb, [j.flag for j in batch], [j.uuid for j in batch])
                 self.calls += 1
                 for k, i in enumerate(idxs[start : start + per_call]):
@@ -323,12 +331,18 @@ class MultiDiffusion:
         return per_call
 
     @staticmethod
-    def _slice_extra(value: Any, batch: list[_Job], b: int, x: torch.Tensor) -> Any:
-        """Per-sample extras (c_concat, y, ...) follow their chunk; spatial ones are cropped to the view."""
+    def _slice_extra(value: Any, batch: list[_Job], b: int, x: torch.Tensor, key: str = "") -> Any:
+        """Per-sample extras (c_concat, y, ...) follow their chunk; spatial ones are cropped to the view. A job whose
+        region prompt brings its own value for ``key`` (SDXL: ``y``) uses that instead of the host's."""
+        own = [(j.extras or {}).get(key) for j in batch]
         if not isinstance(value, torch.Tensor) or value.shape[0] != x.shape[0]:
-            return value
+            if all(o is None for o in own):
+                return value
         parts = []
-        for j in batch:
+        for j, o in zip(batch, own):
+            if o is not None:
+                parts.append(o.to(x.device).expand(b, *o.shape[1:]) if o.shape[0] == 1 else o.to(x.device))
+                continue
             part = value[j.chunk * b : (j.chunk + 1) * b]
             if part.dim() == 4 and tuple(part.shape[-2:]) == tuple(x.shape[-2:]):
                 y0, y1, x0, x1 = j.view
