@@ -46,7 +46,7 @@ SIZES = {
                  batch=8, linear_proj=False, vocab="clip"),
     "sd21": dict(blocks=(320, 640, 1280, 1280), heads=(5, 10, 20, 20), ctx=1024, text_layers=23, text_heads=16,
                  ffn=4096, latent=64, batch=8, linear_proj=True, vocab="clip"),
-    "sdxl-small": dict(ctx=2048, latent=16, batch=2, text_layers=12 + 32, sdxl=True),
+    "sdxl-small": dict(ctx=2048, latent=8, batch=1, text_layers=12 + 32, sdxl=True),  # 64 px, as the tests
     "sdxl": dict(ctx=2048, latent=128, batch=8, text_layers=12 + 32, sdxl=True),
 }
 
