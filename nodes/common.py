@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
 import torch
@@ -120,3 +124,129 @@ def require_family(method: str, supported: tuple[str, ...] = ("sd1",), *, model=
             f"{method} works with {wanted} checkpoints only; this {what} is {FAMILY_NAMES[family]}. "
             f"Load an {wanted} checkpoint for {method}.{instead}"
         )
+
+
+# ---------------------------------------------------------------------------------------------- embeddings in prompts
+_EMBEDDING_WORD = re.compile(r"embedding:([^\s,()\[\]{}:]+)")
+_FAMILY_BY_WIDTH = {768: "SD1.x (768-wide, CLIP-L)", 1024: "SD2.x (1024-wide, OpenCLIP-H)", 1280: "SDXL (1280-wide, CLIP-G)"}
+
+
+class EmbeddingWidthError(ValueError):
+    """A prompt names an embedding made for another base-model family than the checkpoint's CLIP."""
+
+
+def _tokenizers(clip) -> list:
+    """The per-tower SDTokenizers of a ComfyUI CLIP (clip_l / clip_h / clip_g), each with its embedding width."""
+    tok = getattr(clip, "tokenizer", None)
+    found = [getattr(tok, k) for k in ("clip_l", "clip_h", "clip_g") if hasattr(tok, k)]
+    inner = getattr(tok, getattr(tok, "clip", "") or "", None)
+    if inner is not None and inner not in found:
+        found.append(inner)
+    return [t for t in found if hasattr(t, "embedding_size") and hasattr(t, "_try_get_embedding")]
+
+
+def check_prompt_embeddings(clip, text: str, node: str) -> None:
+    """Fail when ``text`` names (``embedding:NAME``) an embedding whose width does not fit one of the CLIP's text
+    towers. ComfyUI would log one warning and drop it, and the image would lack what the embedding holds."""
+    names = list(dict.fromkeys(_EMBEDDING_WORD.findall(text or "")))
+    if not names:
+        return
+    checkpoint = FAMILY_NAMES.get(clip_family(clip) or "", "this")
+    for name in names:
+        for tok in _tokenizers(clip):
+            embed, _ = tok._try_get_embedding(name)
+            if embed is None or embed.shape[-1] == tok.embedding_size:
+                continue  # not found (ComfyUI reads the word as text) or the right width
+            width = int(embed.shape[-1])
+            family = _FAMILY_BY_WIDTH.get(width, f"{width}-wide")
+            raise EmbeddingWidthError(
+                f"{node}: the prompt names embedding '{name}', a {family} embedding, but the checkpoint's CLIP is "
+                f"{checkpoint} (its {getattr(tok, 'embedding_key', 'text')} encoder takes {tok.embedding_size}-wide "
+                f"vectors). ComfyUI would ignore it. Use an embedding made for {checkpoint} checkpoints, or load a "
+                f"checkpoint of the embedding's family."
+            )
+
+
+def embedding_family(vectors: dict[str, torch.Tensor]) -> str:
+    """The base-model family an embedding file is for, in words (from its clip_l / clip_h / clip_g keys)."""
+    keys = set(vectors)
+    if {"clip_l", "clip_g"} <= keys:
+        return "SDXL"
+    for key, fam in (("clip_h", "SD2.x"), ("clip_g", "SDXL (CLIP-G only)"), ("clip_l", "SD1.x")):
+        if key in keys:
+            return fam
+    widths = {int(v.shape[-1]) for v in vectors.values()}
+    return ", ".join(_FAMILY_BY_WIDTH.get(w, f"{w}-wide") for w in sorted(widths))
+
+
+# ---------------------------------------------------------------------------------------------- files read by name
+def file_state(path: str) -> Optional[tuple[int, int]]:
+    """(mtime_ns, size) of a file, None when it does not exist: what changes when a file is rewritten."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def file_key(path: str) -> tuple:
+    """The key of every model cache and every fingerprint: the real path with its state, so a rewritten or
+    replaced file is read again."""
+    real = os.path.realpath(path)
+    return (real, file_state(real))
+
+
+def named_file_fingerprint(folder: str, name: str) -> tuple:
+    """``fingerprint_inputs`` value of a node that reads ``name`` from model folder ``folder``: ComfyUI runs the
+    node again when the file changes, not only when the name does."""
+    import folder_paths
+
+    if not isinstance(name, str) or not name:
+        return (folder, name)
+    try:
+        path = folder_paths.get_full_path(folder, name)
+    except Exception:  # an unknown folder is reported when the node runs
+        path = None
+    return (folder, name, file_key(path) if path else None)
+
+
+@dataclass
+class Written:
+    """What a node wrote to a file in this process, and for which request (inputs + the ComfyUI objects)."""
+
+    key: tuple
+    objects: tuple  # weak references (or None) to the MODEL, CLIP, ... objects it was made with
+    state: Optional[tuple[int, int]]  # the file's state right after writing
+    result: Any
+    curve: torch.Tensor
+    summary: str
+
+    def same_request(self, key: tuple, objects: tuple) -> bool:
+        return self.key == key and len(objects) == len(self.objects) and all(
+            (ref() if ref is not None else None) is obj for ref, obj in zip(self.objects, objects))
+
+
+def image_digest(images: torch.Tensor) -> str:
+    """A content hash of an image batch (part of a training request's key)."""
+    import hashlib
+
+    data = images.detach().float().cpu().contiguous()
+    return hashlib.sha1(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
+
+
+class RerunCache:
+    """The re-run cache of the training nodes: a re-queued identical graph (same inputs, same model objects)
+    returns what this process already wrote instead of training again. Keyed by the output path."""
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, Written] = {}
+
+    def get(self, path: str, key: tuple, objects: tuple) -> Optional[Written]:
+        done = self._by_path.get(path)
+        return done if done is not None and done.same_request(key, objects) else None
+
+    def put(self, path: str, key: tuple, objects: tuple, result: Any, curve: torch.Tensor, summary: str) -> Written:
+        written = Written(key, tuple(None if o is None else weakref.ref(o) for o in objects), file_state(path), result,
+                          curve, summary)
+        self._by_path[path] = written
+        return written

@@ -12,11 +12,9 @@ it). Anything else that would replace an existing file needs 'overwrite'.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import weakref
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, replace
 from typing import Any, Optional
 
 import torch
@@ -28,7 +26,7 @@ from ..pipelines import cross_init as ci
 from ..pipelines.face.types import FaceSet
 from ..utils.files import BadNameError, sanitize_name
 from . import model_folders
-from .common import comfy_hooks
+from .common import RerunCache, comfy_hooks, embedding_family, file_state, image_digest, named_file_fingerprint
 from .loss_curve import loss_curve_image
 from .ti_comfy_backend import ComfyTIBackend
 from .types import Faces
@@ -50,36 +48,7 @@ def embedding_path(name: str) -> str:
     return os.path.join(model_folders.writable_folder("embeddings"), f"{name}.safetensors")
 
 
-def _file_state(path: str) -> Optional[tuple[int, int]]:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
-
-
-@dataclass
-class _Written:
-    """What this process last wrote to one embedding path, to reuse it for identical requests."""
-
-    key: tuple
-    objects: tuple  # weak references to the MODEL, CLIP and VAE objects that were trained on
-    state: Optional[tuple[int, int]]
-    embedding: dict
-    metadata: dict
-    curve: torch.Tensor
-    summary: str
-
-    def same_request(self, key: tuple, objects: tuple) -> bool:
-        return self.key == key and all(ref() is obj for ref, obj in zip(self.objects, objects))
-
-
-_WRITTEN: dict[str, _Written] = {}
-
-
-def _digest(images: torch.Tensor) -> str:
-    data = images.detach().float().cpu().contiguous()
-    return hashlib.sha1(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
+_WRITTEN = RerunCache()  # result = (embedding, metadata) written for a request
 
 
 def _reference_images(image: torch.Tensor, faces: Optional[FaceSet]) -> torch.Tensor:
@@ -156,7 +125,7 @@ class CrossInitialization(io.ComfyNode):
             path = embedding_path(embedding_name(name))
         except Exception:  # the name is refused when the node runs, with its message
             return ("unusable name", name)
-        return (path, _file_state(path))
+        return (path, file_state(path))
 
     @classmethod
     def execute(
@@ -167,18 +136,18 @@ class CrossInitialization(io.ComfyNode):
         path = embedding_path(safe)
         settings = _settings(preset, steps, learning_rate, batch_size, seed, resolution)
         images = _reference_images(image, faces)
-        key = (astuple(settings), _digest(images), faces is not None)
+        key = (astuple(settings), image_digest(images), faces is not None)
         objects = (model, clip, vae)
 
-        done = _WRITTEN.get(path)
-        if done is not None and done.same_request(key, objects):
-            state = _file_state(path)
+        done = _WRITTEN.get(path, key, objects)
+        if done is not None:
+            state = file_state(path)
             if state is not None and state == done.state:
                 log.info("FaceBooth: embedding %s is up to date (same inputs); not training again", safe)
                 return cls._output(safe, done)
             if state is None or overwrite:  # deleted or replaced since: restore what these inputs produced
-                ci.save_embedding(path, done.embedding, done.metadata)
-                done.state = _file_state(path)
+                ci.save_embedding(path, *done.result)
+                done.state = file_state(path)
                 log.info("FaceBooth: rewrote embedding %s from this session's result for the same inputs", safe)
                 return cls._output(safe, done)
         cls._refuse_existing(path, safe, overwrite)
@@ -196,13 +165,11 @@ class CrossInitialization(io.ComfyNode):
         cls._refuse_existing(path, safe, overwrite)  # someone may have written it while we trained
         ci.save_embedding(path, result.embedding, result.metadata)
         losses = result.history.loss_history
-        written = _Written(
-            key=key, objects=tuple(weakref.ref(o) for o in objects), state=_file_state(path),
-            embedding=result.embedding, metadata=result.metadata,
+        written = _WRITTEN.put(
+            path, key, objects, (result.embedding, result.metadata),
             curve=loss_curve_image(losses, title=f"Cross Initialization '{safe}'"),
             summary=f"{ci.FAMILY_NAMES.get(backend.family, backend.family)}, {len(losses)} steps, final loss {losses[-1]:.4f}",
         )
-        _WRITTEN[path] = written
         log.info("FaceBooth: wrote %s (%s); use embedding:%s in a prompt", path, written.summary, safe)
         return cls._output(safe, written)
 
@@ -214,7 +181,7 @@ class CrossInitialization(io.ComfyNode):
             )
 
     @staticmethod
-    def _output(safe: str, written: _Written) -> io.NodeOutput:
+    def _output(safe: str, written) -> io.NodeOutput:
         prompt = f"embedding:{safe}"
         return io.NodeOutput(prompt, written.curve, ui=ui.PreviewText(f"{prompt} ({written.summary})"))
 
@@ -252,8 +219,7 @@ class CrossInitImportOfficial(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, learned_embeds: str = "", name: str = "", **kwargs) -> Any:
-        source = folder_paths.get_full_path("embeddings", learned_embeds) if learned_embeds else None
-        return (CrossInitialization.fingerprint_inputs(name=name), source and _file_state(source))
+        return (CrossInitialization.fingerprint_inputs(name=name), named_file_fingerprint("embeddings", learned_embeds))
 
     @classmethod
     def execute(cls, learned_embeds: str, name: str, overwrite: bool) -> io.NodeOutput:
@@ -266,7 +232,9 @@ class CrossInitImportOfficial(io.ComfyNode):
         embedding, ident = ci.load_official_learned_embeds(source)
         ci.convert_official(source, path)
         key, vectors = next(iter(embedding.items()))
-        text = f"embedding:{safe} ({key}, {vectors.shape[0]} vectors, official id '{ident}')"
+        family = embedding_family(embedding)
+        text = (f"embedding:{safe}: a {family} embedding ({key}, {vectors.shape[0]} vectors, official id '{ident}'); "
+                f"use it in prompts of {family} checkpoints")
         log.info("FaceBooth: converted %s to %s", source, path)
         return io.NodeOutput(f"embedding:{safe}", ui=ui.PreviewText(text))
 

@@ -15,7 +15,7 @@ from ..pipelines.face.insightface_backend import PROVIDER_CHOICES
 from ..pipelines.face.types import NO_FACE_POLICIES, Identity
 from ..utils.files import sanitize_name
 from . import model_folders
-from .common import DEVICE_CHOICES, ModelCache, comfy_hooks, pick_device, placeholder_image
+from .common import DEVICE_CHOICES, ModelCache, comfy_hooks, named_file_fingerprint, pick_device, placeholder_image
 from .types import FaceAnalyzer as FaceAnalyzerType
 from .types import Faces, Identity as IdentityType
 
@@ -159,6 +159,11 @@ class FaceAnalyzerTorch(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, recognizer: str = "", face_parser: str = "", **kwargs):
+        """The files read by name: a rewritten recognizer or parser file is loaded again."""
+        return (named_file_fingerprint("facebooth/face", recognizer), named_file_fingerprint("facebooth/face", face_parser), kwargs)
+
+    @classmethod
     def execute(cls, detector: str, recognizer: str, face_parser: str, min_face_size: int, device: str,
                 det_size: int = DEFAULT_DET_SIZE) -> io.NodeOutput:
         dev = pick_device(device)
@@ -188,7 +193,8 @@ class FaceAnalyzerTorch(io.ComfyNode):
             analyzer = FaceAnalyzer(detector=det, recognizer=rec, parser=parser, name=f"torch:{detector}+{recognizer}", det_size=det_size)
             return _managed(analyzer, dev)  # the models live on the CPU until ComfyUI loads them for a run
 
-        key = ("torch", detector, recognizer, face_parser, min_face_size, str(dev), det_size)
+        files = cls.fingerprint_inputs(recognizer=recognizer, face_parser=face_parser)[:2]
+        key = ("torch", detector, files, min_face_size, str(dev), det_size)
         return io.NodeOutput(_CACHE.get(key, load))
 
 
@@ -323,6 +329,10 @@ class LoadIdentity(io.ComfyNode):
             inputs=[io.Combo.Input("identity_file", options=model_folders.list_files("facebooth/identities"), tooltip="A .safetensors identity file.")],
             outputs=[IdentityType.Output(display_name="identity", tooltip="The saved identity embedding.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, identity_file: str = "", **kwargs):
+        return named_file_fingerprint("facebooth/identities", identity_file)  # Save Identity may rewrite it
 
     @classmethod
     def execute(cls, identity_file: str) -> io.NodeOutput:

@@ -38,7 +38,16 @@ from ..pipelines.face2diffusion import (
 )
 from ..utils.files import load_state_dict_file
 from . import model_folders
-from .common import DEVICE_CHOICES, SDXL_METHODS, ModelCache, load_managed, managed
+from .common import (
+    DEVICE_CHOICES,
+    SDXL_METHODS,
+    ModelCache,
+    check_prompt_embeddings,
+    file_key,
+    load_managed,
+    managed,
+    named_file_fingerprint,
+)
 from .controls import check_range, range_inputs, schedule
 from .types import Faces
 
@@ -98,11 +107,6 @@ def _model_files() -> list[str]:
 def _ordered(files: list[str], hint: str) -> list[str]:
     """Files whose name contains ``hint`` first, so the default pick is msid.pt / mapping.pt."""
     return sorted(files, key=lambda f: (hint not in os.path.basename(f).lower(), f))
-
-
-def _file_key(path: str) -> tuple:
-    st = os.stat(path)
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
 def load_f2d_models(msid_path: str, mapping_path: str, device: str = "auto") -> F2DModels:
@@ -430,10 +434,14 @@ class F2DLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, msid_file: str = "", mapping_file: str = "", device: str = "", **kwargs) -> Any:
+        return (named_file_fingerprint(FOLDER, msid_file), named_file_fingerprint(FOLDER, mapping_file), device)
+
+    @classmethod
     def execute(cls, msid_file: str, mapping_file: str, device: str) -> io.NodeOutput:
         msid_path = model_folders.resolve_file(FOLDER, msid_file)
         mapping_path = model_folders.resolve_file(FOLDER, mapping_file)
-        key = (_file_key(msid_path), _file_key(mapping_path), device)
+        key = (file_key(msid_path), file_key(mapping_path), device)
         return io.NodeOutput(_CACHE.get(key, lambda: load_f2d_models(msid_path, mapping_path, device)))
 
 
@@ -468,6 +476,7 @@ class F2DEncode(io.ComfyNode):
                 expression: Optional[torch.Tensor] = None, identities: Optional[list] = None, start_at: float = 0.0,
                 end_at: float = 1.0, attn_mask: Optional[torch.Tensor] = None) -> io.NodeOutput:
         sd1_text_model(clip)  # refuse other families before any face work
+        check_prompt_embeddings(clip, text, "Face2Diffusion Encode")
         check_range(start_at, end_at)
         people: list[F2DIdentity] = []
         if faces is not None or face_crops is not None:
@@ -521,6 +530,13 @@ class F2DLoadExpression(io.ComfyNode):
             outputs=[F2DExpressionType.Output(display_name="expression",
                                               tooltip="Connect to the 'expression' input of Face2Diffusion Encode / Identity.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, expression_file: str = "", **kwargs) -> Any:
+        try:
+            return (expression_file, file_key(_resolve_expression(expression_file)))
+        except (FileNotFoundError, TypeError, ValueError):  # reported when the node runs
+            return (expression_file, None)
 
     @classmethod
     def execute(cls, expression_file: str) -> io.NodeOutput:

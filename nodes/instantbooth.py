@@ -6,10 +6,9 @@ CLIP_VISION -> CLIP features, CLIP -> tokens and text-encoder output, MODEL -> a
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..pipelines.face.types import FaceSet
 from ..pipelines.instantbooth import (
@@ -28,7 +27,16 @@ from ..pipelines.instantbooth import (
     references_from_images,
 )
 from . import model_folders
-from .common import ModelCache, load_managed, managed, require_family
+from .common import (
+    ModelCache,
+    check_prompt_embeddings,
+    file_key,
+    load_managed,
+    managed,
+    named_file_fingerprint,
+    placeholder_image,
+    require_family,
+)
 from .types import Faces
 
 log = logging.getLogger(__name__)
@@ -56,10 +64,14 @@ class InstantBoothLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, instantbooth_file: str = "", **kwargs):
+        return named_file_fingerprint(FOLDER, instantbooth_file)
+
+    @classmethod
     def execute(cls, instantbooth_file: str) -> io.NodeOutput:
         path = model_folders.resolve_file(FOLDER, instantbooth_file)
         # the socket and the cache hold ComfyUI's ModelPatcher (model on the offload device), never a bare module
-        return io.NodeOutput(_CACHE.get((path, os.path.getmtime(path)), lambda: managed(load_instantbooth(path))))
+        return io.NodeOutput(_CACHE.get(file_key(path), lambda: managed(load_instantbooth(path))))
 
 
 # --- ComfyUI objects -> tensors ------------------------------------------------------------------------------
@@ -214,6 +226,15 @@ class InstantBoothApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, clip_vision, instantbooth, text: str, beta: float, alpha: float, start_at: float,
                 end_at: float, apply_to: str, reference=None, reference_mask=None, faces=None, attn_mask=None) -> io.NodeOutput:
+        check_prompt_embeddings(clip, text, "Apply InstantBooth")
+        if faces is not None and not faces.faces and faces.no_face_policy == "pass_through":
+            if reference is None:  # Detect Faces' promise: downstream nodes leave their input unchanged
+                note = ("InstantBooth passed through: Detect Faces found no face (policy 'pass through'); the MODEL is "
+                        "unchanged and the prompt is encoded as plain text.")
+                log.warning(note)
+                plain = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+                return io.NodeOutput(model, plain, placeholder_image(), ui=ui.PreviewText(note))
+            faces = None  # no face found, but reference photos are connected: use those
         patched, conditioning, crops = apply_instantbooth(
             model, clip, clip_vision, instantbooth, text, beta=beta, alpha=alpha, start_at=start_at, end_at=end_at,
             apply_to=apply_to, reference=reference, reference_mask=reference_mask, faces=faces, attn_mask=attn_mask,

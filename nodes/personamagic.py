@@ -7,11 +7,9 @@ sampler runs it and other packs' patches stack with it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
-import weakref
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, replace
 from typing import Any, Optional
 
 import torch
@@ -28,7 +26,7 @@ from ..pipelines.personamagic.stages import bins_for_visited
 from ..pipelines.personamagic.train import FaceGuidance, PersonaMagicRun, PersonaMagicSettings
 from ..utils.files import BadNameError, sanitize_name
 from . import model_folders
-from .common import comfy_hooks
+from .common import RerunCache, check_prompt_embeddings, comfy_hooks, file_state, image_digest, named_file_fingerprint
 from .controls import blend, check_range, range_inputs, schedule
 from .loss_curve import loss_curve_image
 from .personamagic_comfy import (
@@ -55,39 +53,7 @@ def result_path(name: str) -> str:
     return os.path.join(model_folders.writable_folder(FOLDER), f"{safe}.safetensors")
 
 
-def _file_state(path: str) -> Optional[tuple[int, int]]:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
-
-
-def _digest(images: torch.Tensor) -> str:
-    data = images.detach().float().cpu().contiguous()
-    return hashlib.sha1(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
-
-
-@dataclass
-class _Written:
-    """What this process last wrote to a path, so a re-queued identical graph does not train again."""
-
-    key: tuple
-    objects: tuple  # weak references to the MODEL, CLIP, VAE, CLIP_VISION and face analyzer trained with
-    state: Optional[tuple[int, int]]
-    result: PersonaMagicFile
-    curve: torch.Tensor
-    summary: str
-
-    def same_request(self, key: tuple, objects: tuple) -> bool:
-        return self.key == key and all((ref() if ref is not None else None) is obj for ref, obj in zip(self.objects, objects))
-
-
-_WRITTEN: dict[str, _Written] = {}
-
-
-def _weak(obj):
-    return None if obj is None else weakref.ref(obj)
+_WRITTEN = RerunCache()  # result = the PersonaMagicFile written for a request (MODEL, CLIP, VAE, CLIP_VISION, analyzer)
 
 
 def _face_guidance(analyzer, pixels: torch.Tensor) -> FaceGuidance:
@@ -167,7 +133,7 @@ class PersonaMagicTrain(io.ComfyNode):
             path = result_path(name)
         except Exception:
             return ("unusable name", name)
-        return (path, _file_state(path))
+        return (path, file_state(path))
 
     @classmethod
     def execute(
@@ -187,11 +153,11 @@ class PersonaMagicTrain(io.ComfyNode):
         if settings.stages == "iou" and face_analyzer is None:
             raise ValueError("The IoU partition compares attention maps with the face mask: connect a face analyzer, or use the official stages.")
         pixels = prepare_images(image, resolution, "center")
-        key = (astuple(settings), _digest(pixels))
+        key = (astuple(settings), image_digest(pixels))
         objects = (model, clip, vae, clip_vision, face_analyzer)
-        done = _WRITTEN.get(path)
-        if done is not None and done.same_request(key, objects):
-            state = _file_state(path)
+        done = _WRITTEN.get(path, key, objects)
+        if done is not None:
+            state = file_state(path)
             if state is not None and state == done.state:
                 log.info("FaceBooth: PersonaMagic %s is up to date (same inputs); not training again", safe)
                 return cls._output(done)
@@ -215,17 +181,16 @@ class PersonaMagicTrain(io.ComfyNode):
         save_personamagic(path, result.mapper, result.plan, backend.family, result.image_embed, settings.supercategory,
                           extra=result.file_metadata(settings))
         losses = result.history.loss_history
-        written = _Written(
-            key=key, objects=tuple(_weak(o) for o in objects), state=_file_state(path), result=load_personamagic(path),
+        written = _WRITTEN.put(
+            path, key, objects, load_personamagic(path),
             curve=loss_curve_image(losses, title=f"PersonaMagic '{safe}'"),
             summary=f"{len(losses)} steps, final loss {losses[-1]:.4f}, dynamic stage [{result.plan.t_low}, {result.plan.t_high}] ({result.plan.source})",
         )
-        _WRITTEN[path] = written
         log.info("FaceBooth: wrote %s (%s)", path, written.summary)
         return cls._output(written)
 
     @staticmethod
-    def _output(written: _Written) -> io.NodeOutput:
+    def _output(written) -> io.NodeOutput:
         return io.NodeOutput(written.result, written.curve, ui=ui.PreviewText(written.summary))
 
 
@@ -241,6 +206,10 @@ class PersonaMagicLoad(io.ComfyNode):
             inputs=[io.Combo.Input("file", options=model_folders.list_files(FOLDER), tooltip="A .safetensors file from models/facebooth/personamagic.")],
             outputs=[PersonaMagicType.Output(display_name="personamagic", tooltip="Connect to PersonaMagic Apply.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, file: str = "", **kwargs) -> Any:
+        return named_file_fingerprint(FOLDER, file)  # a file rewritten by PersonaMagic Train is read again
 
     @classmethod
     def execute(cls, file: str) -> io.NodeOutput:
@@ -288,6 +257,7 @@ class PersonaMagicApply(io.ComfyNode):
         strength: float = 1.0, start_at: float = 0.0, end_at: float = 1.0, attn_mask: Optional[torch.Tensor] = None,
     ) -> io.NodeOutput:
         check_trigger(prompt, trigger_word)
+        check_prompt_embeddings(clip, prompt, "PersonaMagic Apply")
         check_range(start_at, end_at)
         pm = personamagic
         device = mm.text_encoder_device()

@@ -30,7 +30,7 @@ from ..pipelines.portraitbooth.token_positions import (
     token_id,
 )
 from . import model_folders
-from .common import load_managed, managed, require_family
+from .common import check_prompt_embeddings, load_managed, managed, named_file_fingerprint, require_family
 from .controls import check_range, range_inputs, schedule
 from .types import FaceAnalyzer as FaceAnalyzerType
 from .types import Faces
@@ -80,6 +80,10 @@ class FastComposerLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, file: str = "", **kwargs) -> Any:
+        return named_file_fingerprint(FOLDER, file)
+
+    @classmethod
     def execute(cls, file: str) -> io.NodeOutput:
         path = model_folders.resolve_file(FOLDER, file)
         sd, _ = read_weights(path)
@@ -116,6 +120,10 @@ class STEALoader(io.ComfyNode):
             inputs=[_file_input("A PortraitBooth STEA .safetensors, or FastComposer's pytorch_model.bin (only its STEA part is used).")],
             outputs=[STEAType.Output(display_name="stea", tooltip="For PortraitBooth Conditioning.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, file: str = "", **kwargs) -> Any:
+        return named_file_fingerprint(FOLDER, file)
 
     @classmethod
     def execute(cls, file: str) -> io.NodeOutput:
@@ -252,6 +260,7 @@ class PortraitBoothConditioning(io.ComfyNode):
     def execute(cls, stea: LoadedSTEA, clip, faces: FaceSet, text: str, subject_words: str, start_at: float = AUTO_START_AT,
                 face_analyzer=None, strength: float = 1.0, end_at: float = 1.0, attn_mask=None) -> io.NodeOutput:
         require_family("PortraitBooth (FastComposer, SD1.5)", clip=clip)
+        check_prompt_embeddings(clip, text, "PortraitBooth Conditioning")
         if start_at < 0:  # auto: the delayed conditioning the weights were made for
             start_at = stea.model.recommended_start_at
             log.info("FaceBooth PortraitBooth: %s -> identity from %.2f of the sampling on (its recommended start).", stea.name, start_at)
