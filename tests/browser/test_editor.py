@@ -70,14 +70,19 @@ def loaded(editor, artifacts) -> dict[str, dict]:
     results = {}
     for api_path in WORKFLOWS:
         twin = ex.ui_twin_path(api_path)
+        if not twin.is_file():  # fails that workflow's tests, not the others'
+            results[ex.workflow_name(api_path)] = {"missing": f"{twin.name} is missing: python -m facebooth "
+                                                              "examples --write-ui --no-run"}
+            continue
         ui = json.loads(twin.read_text())
         editor.clear_errors()
         state = editor.drop_workflow(ui, twin.name)
+        editor.page.keyboard.press("Escape")  # the missing-models dialog (this server has none of the real files)
         results[ex.workflow_name(api_path)] = {
             "ui": ui, "state": state, "prompt": editor.graph_to_prompt(), "errors": list(editor.errors),
             "screenshot": editor.screenshot(artifacts / f"{twin.stem}.png"),
         }
-    summary = {k: {"errors": v["errors"], "nodes": v["state"]} for k, v in results.items()}
+    summary = {k: {"errors": v.get("errors"), "nodes": v.get("state")} for k, v in results.items()}
     (artifacts / "loaded.json").write_text(json.dumps(summary, indent=1, default=str))
     return results
 
@@ -86,9 +91,15 @@ def _ids(path: Path) -> str:
     return ex.workflow_name(path)
 
 
+def _got(loaded: dict, api_path: Path) -> dict:
+    got = _got(loaded, api_path)
+    assert "missing" not in got, got.get("missing")
+    return got
+
+
 @pytest.mark.parametrize("api_path", WORKFLOWS, ids=_ids)
 def test_every_node_type_is_known_and_nothing_throws(loaded, api_path):
-    got = loaded[ex.workflow_name(api_path)]
+    got = _got(loaded, api_path)
     missing = [(n["id"], n["type"]) for n in got["state"] if not n["registered"] or n["has_errors"]]
     assert not missing, f"node types the editor does not know: {missing}"
     thrown = [e for e in got["errors"] if e.startswith("pageerror")]
@@ -98,7 +109,7 @@ def test_every_node_type_is_known_and_nothing_throws(loaded, api_path):
 
 @pytest.mark.parametrize("api_path", WORKFLOWS, ids=_ids)
 def test_widget_values_equal_the_workflow_after_the_editors_widget_handling(loaded, api_path):
-    got = loaded[ex.workflow_name(api_path)]
+    got = _got(loaded, api_path)
     by_id = {n["id"]: n for n in got["state"]}
     # Positional: the editor kept each stored value (nothing reset or clamped).
     for node in got["ui"]["nodes"]:
@@ -119,14 +130,14 @@ def test_widget_values_equal_the_workflow_after_the_editors_widget_handling(load
 
 @pytest.mark.parametrize("api_path", WORKFLOWS, ids=_ids)
 def test_no_two_nodes_overlap_as_the_editor_sized_them(loaded, api_path):
-    got = loaded[ex.workflow_name(api_path)]
+    got = _got(loaded, api_path)
     clashes = overlaps({(n["id"], n["title"]): n["rect"] for n in got["state"]})
     assert not clashes, f"overlapping nodes (a, b, area px²): {clashes}; screenshot {got['screenshot']}"
 
 
 @pytest.mark.parametrize("api_path", WORKFLOWS, ids=_ids)
 def test_the_graph_the_editor_queues_equals_the_api_twin(loaded, api_path):
-    got = loaded[ex.workflow_name(api_path)]
+    got = _got(loaded, api_path)
     queued = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in got["prompt"].items()}
     assert queued == ex.expected_ui_api(api_path)
 
@@ -137,6 +148,12 @@ def test_a_workflow_queued_from_the_editor_finishes(editor, comfy_server, random
 
     twin = ex.ui_twin_path(CHEAP)
     state = editor.drop_workflow(json.loads(twin.read_text()), twin.name)
+    # The checkpoint is not on this server: the editor offers the download from properties.models.
+    dialog = editor.page.locator(".p-dialog", has_text="Missing Models").first
+    dialog.get_by_text("v1-5-pruned-emaonly.safetensors").first.wait_for(timeout=30000)
+    assert dialog.get_by_text("Download").count() > 0
+    editor.screenshot(artifacts / "missing_models_dialog.png")
+    editor.page.keyboard.press("Escape")
     by_type = {n["type"]: n["id"] for n in state}
     editor.set_widget(by_type["CheckpointLoaderSimple"], "ckpt_name", random_checkpoint_name)
     for name in ("width", "height"):
@@ -181,8 +198,12 @@ def test_template_browser_lists_only_ui_workflows_with_thumbnails(editor, comfy_
     editor.page.get_by_text("FaceBooth", exact=True).first.click()
     for title in titles:
         editor.page.get_by_text(title, exact=True).first.wait_for(timeout=30000)
-    editor.page.wait_for_function(
-        "() => { const imgs = [...document.querySelectorAll('img')].filter(i => i.src.includes('/workflow_templates/FaceBooth/'));"
-        " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }", timeout=30000)
+    # Card pictures are our thumbnails (alt = card title); the first row must have loaded, none may be broken.
+    loaded_js = """(titles) => {
+      const imgs = [...document.querySelectorAll('img')].filter(i => titles.includes(i.alt) && i.src);
+      const ok = imgs.filter(i => i.complete && i.naturalWidth > 0);
+      return ok.length >= 3 && !imgs.some(i => i.complete && i.naturalWidth === 0);
+    }"""
+    editor.page.wait_for_function(loaded_js, arg=titles, timeout=30000)
     editor.screenshot(artifacts / "template_browser.png")
     editor.page.keyboard.press("Escape")
