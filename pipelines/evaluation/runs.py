@@ -105,6 +105,11 @@ def items_from_rows(rows: Iterable[dict], base: Path, default_method: str) -> li
         # nested job values (e.g. {"values": {"$PROMPT": ...}}) are flattened one level
         flat = dict(row)
         for v in row.values():
+            if isinstance(v, str) and v.startswith("{"):  # a CSV cell holding the job's values as JSON
+                try:
+                    v = json.loads(v)
+                except json.JSONDecodeError:
+                    continue
             if isinstance(v, dict):
                 flat = {**v, **flat}
         status = str(flat.get("status", "done")).lower()
