@@ -34,7 +34,9 @@ def node(monkeypatch, tmp_path):
     folder.mkdir()
     exts = folder_paths.folder_names_and_paths["embeddings"][1]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "embeddings", ([str(folder)], exts))
-    monkeypatch.setattr(node_module, "_WRITTEN", {})
+    from facebooth.nodes.common import RerunCache  # the re-run cache now lives in nodes/common.py (issue 11)
+
+    monkeypatch.setattr(node_module, "_WRITTEN", RerunCache())
     node_module.test_folder = folder
     return node_module
 
