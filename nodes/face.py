@@ -110,7 +110,7 @@ def _parser_input() -> io.Combo.Input:
         "face_parser",
         options=_parser_files() + [_HULL],
         default=_HULL,
-        tooltip="Optional BiSeNet face-parsing model (facexlib's parsing_bisenet.pth in models/facebooth/face/parsing/) "
+        tooltip="Optional BiSeNet face-parsing model (facexlib's parsing_bisenet.pth in models/facebooth/face/parsing/; needs `pip install facexlib`) "
         "for precise face masks. Without it the mask is a face oval placed by the 5 landmarks.",
     )
 
@@ -188,7 +188,8 @@ class FaceAnalyzerTorch(io.ComfyNode):
             if recognizer != _NONE:
                 from ..pipelines.face.arcface import load_arcface
 
-                rec = load_arcface(model_folders.resolve_file("facebooth/face", recognizer), device="cpu", name=f"arcface:{recognizer}")
+                rec = load_arcface(model_folders.resolve_file("facebooth/face", recognizer), device="cpu", name=f"arcface:{recognizer}",
+                                   channels_last=True)  # inference only here
             parser = _load_parser(face_parser, dev)
             analyzer = FaceAnalyzer(detector=det, recognizer=rec, parser=parser, name=f"torch:{detector}+{recognizer}", det_size=det_size)
             return _managed(analyzer, dev)  # the models live on the CPU until ComfyUI loads them for a run

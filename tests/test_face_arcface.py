@@ -225,7 +225,8 @@ def test_loading_takes_the_files_float32_tensors_without_a_copy():
 
 
 def test_channels_last_inference_equals_nchw_and_gradients_still_flow():
-    rec = ArcFaceRecognizer(iresnet_from_state_dict(random_arcface_state_dict(18, seed=8, widths=TINY)))
+    rec = ArcFaceRecognizer(iresnet_from_state_dict(random_arcface_state_dict(18, seed=8, widths=TINY)), channels_last=True)
+    assert rec.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = _crops(2)
     with torch.no_grad():
         fast = rec.embed(x)  # channels-last path
@@ -234,3 +235,4 @@ def test_channels_last_inference_equals_nchw_and_gradients_still_flow():
     y = x.clone().requires_grad_(True)
     rec.embed(y).sum().backward()
     assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+    assert rec.backbone.conv1.weight.is_contiguous()  # switched to NCHW for autograd, for good

@@ -48,6 +48,8 @@ def face_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def models(comfy, face_dir, monkeypatch) -> Path:
+    # ComfyUI's executor fills the V3 hidden inputs (the node id for the progress bar); called directly, we do
+    monkeypatch.setattr(comfy.node.DetectFaces, "hidden", SimpleNamespace(unique_id=None), raising=False)
     monkeypatch.setitem(comfy.folder_paths.folder_names_and_paths, "facebooth/face", ([str(face_dir)], {".safetensors", ".pt", ".pth"}))
     return face_dir
 

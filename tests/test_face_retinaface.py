@@ -42,7 +42,7 @@ def test_loading_errors_are_clear(tmp_path, weights):
     with pytest.raises(FileNotFoundError, match="detection_Resnet50_Final.pth"):
         load_retinaface(tmp_path / "nothere.pth")
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    state["ClassHead.0.conv1x1.weight"] = torch.zeros(4, 256, 1, 1)
+    state["ClassHead.0.conv1x1.weight"] = torch.zeros(6, 256, 1, 1)  # 3 anchors instead of 2
     del state["fpn.output1.0.weight"]
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"1 missing key\(s\): fpn.output1.0.weight.*wrong shape: ClassHead.0.conv1x1.weight"):

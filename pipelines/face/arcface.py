@@ -246,11 +246,17 @@ class ArcFaceRecognizer:
         dtype: torch.dtype = torch.float32,
         name: Optional[str] = None,
         batch_size: int = 64,
+        channels_last: bool = False,
     ) -> None:
+        """``channels_last``: keep the weights channels-last for faster CPU inference (the node path). Off, the
+        weights stay NCHW, which code that backpropagates through ``backbone`` directly needs (see ``embed_raw``)."""
         target = torch.device(device) if device is not None else next(backbone.parameters()).device
         self.dtype = dtype
         # Folded BatchNorm: same outputs, faster. In place, so the recognizer holds one copy of the weights.
         self.backbone = fold_batchnorm(backbone.eval()).to(target, dtype).requires_grad_(False)
+        self.channels_last = bool(channels_last)
+        # Without this, every conv would convert its NCHW weight for channels-last input on each call.
+        self.backbone.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.module = self.backbone  # what a host (ComfyUI's ModelPatcher) moves between devices
         self.name = name or f"arcface_{backbone.config.arch}"
         self.batch_size = int(batch_size)
@@ -282,7 +288,11 @@ class ArcFaceRecognizer:
         # Inference runs channels-last (the crops already are: (N, H, W, 3) permuted), which is faster on CPU. With
         # autograd, contiguous NCHW: backprop through the convs with channels-last crashes this torch's CPU build.
         grad = torch.is_grad_enabled() and aligned.requires_grad
-        layout = torch.contiguous_format if grad else torch.channels_last
+        if grad and self.channels_last:  # backward must not see channels-last weights either: switch once, for good
+            logger.info("ArcFace: gradients requested; switching the backbone to NCHW weights")
+            self.backbone.to(memory_format=torch.contiguous_format)
+            self.channels_last = False
+        layout = torch.channels_last if self.channels_last and not grad else torch.contiguous_format
         for start in range(0, aligned.shape[0], self.batch_size):
             x = aligned[start : start + self.batch_size].to(device, self.dtype).permute(0, 3, 1, 2)
             outs.append(self.backbone(((x - 0.5) / 0.5).contiguous(memory_format=layout)).float())
@@ -297,8 +307,11 @@ def load_arcface(
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
     name: Optional[str] = None,
+    channels_last: bool = False,
 ) -> ArcFaceRecognizer:
     """Load an arcface_torch IResNet ``backbone.pth`` (weights-only) or ``.safetensors``.
+
+    ``channels_last=True`` for inference-only use (faster on CPU); training code keeps the default.
 
     ``name`` labels the embeddings (identities made by different recognizers never compare); it
     defaults to ``arcface_<arch>``.
@@ -313,4 +326,4 @@ def load_arcface(
     backbone = iresnet_from_state_dict(state, source=str(path))
     del state
     logger.info("Loaded ArcFace %s from %s", backbone.config.arch, path)
-    return ArcFaceRecognizer(backbone, device=device, dtype=dtype, name=name)
+    return ArcFaceRecognizer(backbone, device=device, dtype=dtype, name=name, channels_last=channels_last)

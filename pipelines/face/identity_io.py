@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from ...utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
 from .types import Identity

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...utils.files import load_state_dict_file
+from ...utils.state_dict import load_strict
 from .types import DetectedFace
 
 logger = logging.getLogger(__name__)
@@ -483,24 +484,10 @@ def _find_weight_file(folder: Path, net: str) -> Path:
 
 def _load_net(cls: type, path: Path) -> nn.Module:
     state, _ = load_state_dict_file(path)
-    net = cls()
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} is not a facenet-pytorch {cls.__name__} state dict: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}. Use the {path.stem}.pt file from facenet-pytorch's data/ folder."
-        )
-    bad = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if bad:
-        k = bad[0]
-        raise ValueError(
-            f"{path}: tensor {k} has shape {tuple(state[k].shape)}, {cls.__name__} needs {tuple(expected[k].shape)}. "
-            "The file is for a different network; check that pnet/rnet/onet are not swapped."
-        )
-    net.load_state_dict({k: v.float() for k, v in state.items()})
-    return net
+    return load_strict(
+        cls(), state, source=str(path), network=f"facenet-pytorch {cls.__name__}",
+        hint=f"Use the {path.stem}.pt file from facenet-pytorch's data/ folder, and check that pnet/rnet/onet are not swapped.",
+    )
 
 
 def load_mtcnn(
