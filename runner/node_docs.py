@@ -26,7 +26,7 @@ FAMILY_TABLE = [
     '|---|---|---|---|',
     '| Cross Initialization | yes | yes | yes: both text encoders, file holds `clip_l` + `clip_g` |',
     '| PersonaMagic | yes | yes | not yet: refused before training, naming both families |',
-    '| MultiDiffusion | yes | yes | not yet (SDXL regions need their own pooled output and size conditioning) |',
+    '| MultiDiffusion | yes | yes | yes: each region its own pooled output and size conditioning; window_size 0 = 1024 px views |',
     '| Face2Diffusion | yes | no | no: refused before sampling, naming both families and what to use |',
     '| PortraitBooth (FastComposer weights) | yes | no | no: refused before sampling, naming both families and what to use |',
     '| InstantBooth | yes | no | no: refused before sampling, naming both families and what to use |',
