@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -46,6 +47,12 @@ def _browser_or_skip() -> None:
         pytest.skip(f"browser tests need Debian's chromium and the playwright package: {exc}")
 
 
+def _timing(artifacts: Path, line: str) -> None:
+    print(line)
+    with open(artifacts / "timings.txt", "a") as f:
+        f.write(line + "\n")
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Path:
     folder = Path(os.environ.get("FACEBOOTH_ARTIFACTS") or tmp_path_factory.mktemp("browser-artifacts"))
@@ -56,11 +63,13 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def editor(comfy_server):
+def editor(comfy_server, artifacts):
     _browser_or_skip()
     from facebooth.runner.browser import EditorSession
 
+    start = time.monotonic()
     with EditorSession(comfy_server.url) as session:
+        _timing(artifacts, f"editor open in {time.monotonic() - start:.1f} s")
         yield session
 
 
@@ -68,6 +77,7 @@ def editor(comfy_server):
 def loaded(editor, artifacts) -> dict[str, dict]:
     """Every UI workflow dropped on the canvas once: what the editor made of it."""
     results = {}
+    start = time.monotonic()
     for api_path in WORKFLOWS:
         twin = ex.ui_twin_path(api_path)
         if not twin.is_file():  # fails that workflow's tests, not the others'
@@ -82,6 +92,7 @@ def loaded(editor, artifacts) -> dict[str, dict]:
             "ui": ui, "state": state, "prompt": editor.graph_to_prompt(), "errors": list(editor.errors),
             "screenshot": editor.screenshot(artifacts / f"{twin.stem}.png"),
         }
+    _timing(artifacts, f"{len(WORKFLOWS)} workflows dropped and read back in {time.monotonic() - start:.1f} s")
     summary = {k: {"errors": v.get("errors"), "nodes": v.get("state")} for k, v in results.items()}
     (artifacts / "loaded.json").write_text(json.dumps(summary, indent=1, default=str))
     return results
@@ -92,7 +103,7 @@ def _ids(path: Path) -> str:
 
 
 def _got(loaded: dict, api_path: Path) -> dict:
-    got = _got(loaded, api_path)
+    got = loaded[ex.workflow_name(api_path)]
     assert "missing" not in got, got.get("missing")
     return got
 
