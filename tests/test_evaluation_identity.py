@@ -17,14 +17,12 @@ facenet_pytorch = pytest.importorskip("facenet_pytorch")
 
 from facebooth.pipelines.evaluation.facenet import (  # noqa: E402
     FaceNetRecognizer,
-    InceptionResnetV1,
     facenet_crop,
     inception_resnet_v1_from_state_dict,
     load_facenet,
 )
 from facebooth.pipelines.evaluation.identity import IdentityScorer  # noqa: E402
 from facebooth.pipelines.face.analyzer import FaceAnalyzer  # noqa: E402
-from facebooth.pipelines.face.types import DetectedFace  # noqa: E402
 
 
 def _facenet_pytorch_random(seed: int):
