@@ -24,6 +24,7 @@ import folder_paths
 
 from ..pipelines import cross_init as ci
 from ..pipelines.face.types import FaceSet
+from ..pipelines.textual_inversion.backend import FAMILY_NAMES
 from ..utils.files import BadNameError, sanitize_name
 from . import model_folders
 from .common import RerunCache, comfy_hooks, embedding_family, file_state, image_digest, named_file_fingerprint
@@ -168,7 +169,7 @@ class CrossInitialization(io.ComfyNode):
         written = _WRITTEN.put(
             path, key, objects, (result.embedding, result.metadata),
             curve=loss_curve_image(losses, title=f"Cross Initialization '{safe}'"),
-            summary=f"{ci.FAMILY_NAMES.get(backend.family, backend.family)}, {len(losses)} steps, final loss {losses[-1]:.4f}",
+            summary=f"{FAMILY_NAMES.get(backend.family, backend.family)}, {len(losses)} steps, final loss {losses[-1]:.4f}",
         )
         log.info("FaceBooth: wrote %s (%s); use embedding:%s in a prompt", path, written.summary, safe)
         return cls._output(safe, written)
