@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from facebooth.pipelines.personamagic.apply import DEFAULT_BINS, quantization_error
 from facebooth.pipelines.personamagic.backends import DiffusersKVBackend
-from facebooth.pipelines.personamagic.mapper import MapperConfig, PersonaMagicMapper
+from facebooth.pipelines.personamagic.mapper import PersonaMagicMapper
 from facebooth.pipelines.personamagic.stages import PRESETS
 from facebooth.pipelines.personamagic.train import FaceGuidance, PersonaMagicRun, PersonaMagicSettings
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
 from .runtime import NO_HOOKS, RunHooks
 from .text_encoder import CLIPTextEncoder, PromptTokenizer
-from .textual_inversion.backend import FAMILY_KEYS, FAMILY_NAMES, TIBackend
+from .textual_inversion.backend import FAMILY_KEYS, TIBackend
 from .textual_inversion.engine import TextualInversionEngine, TIConfig, TIResult
 
 log = logging.getLogger(__name__)

@@ -221,7 +221,7 @@ def api_to_ui(
             for k, t in enumerate(info["output"])
         ]
     sizes = {int(k): list(v) for k, v in (sizes or {}).items()}
-    for nid, n in nodes.items():
+    for n in nodes.values():
         guess = estimate_size(n, object_info[n["type"]])
         if n["id"] in sizes:
             # The frontend's minimum, widened so the title is not cut; prompt boxes keep room to type.

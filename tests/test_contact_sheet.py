@@ -19,7 +19,7 @@ def test_grid_size_and_each_tile_shows_its_image():
     sheet = make_contact_sheet(items, tile=tile, padding=pad, label_height=label)
     cols, rows = 3, 2  # near-square grid for 5 images
     assert sheet.size == (pad + cols * (tile + pad), pad + rows * (tile + label + pad))
-    for k, (_, img) in enumerate(items):
+    for k, (_, _img) in enumerate(items):
         r, c = divmod(k, cols)
         x0, y0 = pad + c * (tile + pad), pad + r * (tile + label + pad)
         assert sheet.getpixel((x0 + tile // 2, y0 + tile // 2)) == COLORS[k]

@@ -371,7 +371,7 @@ def _tiny_clip(comfy, target_tokenizer, target_clip, options: dict):
 
 
 def test_sd2_and_sdxl_clips_are_refused_by_type(comfy, f2d):
-    import comfy.sdxl_clip as sdxl  # noqa: the module, not the fixture
+    import comfy.sdxl_clip as sdxl  # the module, not the fixture
     import comfy.text_encoders.sd2_clip as sd2
 
     small = {"num_hidden_layers": 3, "intermediate_size": 64}  # penultimate-layer models need 3+

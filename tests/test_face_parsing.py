@@ -3,8 +3,8 @@ and facexlib staying optional (a clear message without it, no download on import
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -272,9 +272,7 @@ def test_write_random_bisenet_loads_in_facexlib(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def _python(code: str) -> "subprocess.CompletedProcess":
-    import subprocess
-
+def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 

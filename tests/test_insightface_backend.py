@@ -147,9 +147,9 @@ def test_detection_retries_smaller_sizes_only_when_nothing_found(ins_root, monke
         b = InsightFaceBackend([str(ins_root)], "antelopev2", retry_smaller=retry)
         sizes, real = [], b._det.detect
 
-        def recording(img, input_size=None, **kw):
-            sizes.append(input_size[0])
-            return real(img, input_size=input_size, **kw)
+        def recording(img, input_size=None, _sizes=sizes, _real=real, **kw):
+            _sizes.append(input_size[0])
+            return _real(img, input_size=input_size, **kw)
 
         monkeypatch.setattr(b._det, "detect", recording)
         found = b.detect(image)

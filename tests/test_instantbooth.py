@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from facebooth.devmodels.instantbooth_models import (
     TINY_CLIP_VISION,

@@ -33,9 +33,9 @@ pytest.importorskip("accelerate")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from facebooth.training import run_state
-from facebooth.training.distributed import SampleRandom, check_world_size
-from helpers.tiny_training import save_png, write_clip_tokenizer
+from facebooth.training import run_state  # noqa: E402 -- after the importorskips
+from facebooth.training.distributed import SampleRandom, check_world_size  # noqa: E402 -- after the importorskips
+from helpers.tiny_training import save_png, write_clip_tokenizer  # noqa: E402 -- after the importorskips
 
 SCRIPTS = ("msid", "mapping", "portraitbooth", "instantbooth")
 MODULES = {name: f"facebooth.training.{m}" for name, m in (

@@ -9,10 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPTextModel
 
 from facebooth.pipelines.personamagic.apply import build_schedule, quantization_error, value_patch_for
-from facebooth.pipelines.personamagic.attention import AttentionProbe, KVAttnProcessor, KVCond, KVState
+from facebooth.pipelines.personamagic.attention import AttentionProbe, KVAttnProcessor, KVState
 from facebooth.pipelines.personamagic.contexts import (
     apply_bypass,
     encode_kv,
@@ -294,7 +293,7 @@ def test_percent_ranges_switch_exactly_at_the_nearest_timestep():
 # ---------------------------------------------------------------------------------------------- V-path patch
 def _pairs(length=77, dim=16, n=3, slots=(5, 6)):
     pairs = []
-    for i in range(n):
+    for _i in range(n):
         k = torch.randn(length, dim)
         v = k.clone()
         v[list(slots)] += torch.randn(len(slots), dim)

@@ -8,8 +8,6 @@ LayerNorm (V), and the diffusers UNet with the same weights for the K/V routing.
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
 import pathlib
 import sys
 from types import SimpleNamespace
@@ -21,7 +19,7 @@ from facebooth.pipelines.personamagic.apply import DEFAULT_BINS
 from facebooth.pipelines.personamagic.attention import AttentionProbe, KVCond
 from facebooth.pipelines.personamagic.files import PersonaMagicFile
 from facebooth.pipelines.personamagic.mapper import MapperConfig, PersonaMagicMapper
-from facebooth.pipelines.personamagic.stages import PRESETS, StagePlan, bin_for_timestep, dynamic_bins
+from facebooth.pipelines.personamagic.stages import PRESETS, bin_for_timestep, dynamic_bins
 
 _p = pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py"
 if "facebooth_test_comfy_inprocess" not in sys.modules:
@@ -280,7 +278,8 @@ def test_earlier_patches_and_replace_style_packs_keep_working(comfy, pm):
     def replace_pack(q, k, v, extra_options):
         replaced.append((k.detach().float().clone(), v.detach().float().clone()))
         h = extra_options["n_heads"]
-        split = lambda x: x.view(x.shape[0], -1, h, x.shape[-1] // h).transpose(1, 2)
+        def split(x):
+            return x.view(x.shape[0], -1, h, x.shape[-1] // h).transpose(1, 2)
         out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
         return out.transpose(1, 2).reshape(q.shape[0], -1, q.shape[-1])
 

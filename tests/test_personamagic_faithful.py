@@ -31,7 +31,7 @@ def backend(tmp_path_factory):
     return DiffusersKVBackend(b.unet, b.vae, tower.encoder, tower.tokenizer, b.scheduler)
 
 
-def _run(backend, guidance=FaceGuidance(), **kw) -> PersonaMagicRun:
+def _run(backend, guidance=None, **kw) -> PersonaMagicRun:
     settings = PersonaMagicSettings(**{**dict(steps=3, batch_size=2, lr=1e-3, resolution=16, supercategory="x", num_anchors=50), **kw})
     return PersonaMagicRun(backend, None, torch.randn(1, 16, generator=torch.Generator().manual_seed(4)), settings, guidance,
                            RunHooks(), pixels=tiny_images(1))

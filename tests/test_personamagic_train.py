@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from facebooth.pipelines.personamagic.apply import build_schedule
 from facebooth.pipelines.personamagic.backends import DiffusersKVBackend
 from facebooth.pipelines.personamagic.files import load_personamagic, save_personamagic
-from facebooth.pipelines.personamagic.stages import PRESETS, StagePlan
+from facebooth.pipelines.personamagic.stages import PRESETS
 from facebooth.pipelines.personamagic.train import FaceGuidance, PersonaMagicRun, PersonaMagicSettings
 from facebooth.pipelines.runtime import RunHooks
 from facebooth.pipelines.textual_inversion import NonFiniteLossError
@@ -33,7 +33,7 @@ def settings(**kw) -> PersonaMagicSettings:
     return PersonaMagicSettings(**base)
 
 
-def make_run(backend, guidance=FaceGuidance(), hooks=None, n_images=1, **kw) -> PersonaMagicRun:
+def make_run(backend, guidance=None, hooks=None, n_images=1, **kw) -> PersonaMagicRun:
     g = torch.Generator().manual_seed(4)
     embeds = torch.randn(n_images, IMAGE_DIM, generator=g)
     return PersonaMagicRun(backend, None, embeds, settings(**kw), guidance, hooks or RunHooks(), pixels=tiny_images(n_images))

@@ -3,7 +3,6 @@ features, FastComposer's delayed subject conditioning (0.2) or a STEA file's own
 masked noise loss, and the {man, woman} training class set."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +88,7 @@ def test_recommended_delayed_conditioning_from_the_weights(tmp_path):
     assert fcl.load_stea(stored).recommended_start_at == pytest.approx(0.35)
     bad = fcl.save_stea(model, tmp_path / "bad.safetensors", {S.START_AT_KEY: "lots"})
     with pytest.raises(S.STEAError, match="recommended_start_at"):
-        fcl.load_stea(bad).recommended_start_at
+        _ = fcl.load_stea(bad).recommended_start_at
 
 
 # ------------------------------------------------------------------- the node's start_at default (in-process ComfyUI)
@@ -136,7 +135,8 @@ def test_conditioning_node_starts_the_identity_where_the_weights_recommend(tmp_p
     plain = fcl.load_stea(fcl.save_stea(deep, tmp_path / "p.safetensors"))
     text = "a photo of a man"
     with torch.inference_mode():
-        run = lambda stea, *a: pbn.PortraitBoothConditioning.execute(pbn._wrap(stea, "x"), clip, _faces(), text, "man", *a).result[0]
+        def run(stea, *a):
+            return pbn.PortraitBoothConditioning.execute(pbn._wrap(stea, "x"), clip, _faces(), text, "man", *a).result[0]
         assert _ranges(run(_fastcomposer_stea())) == [(0.0, 0.2), (0.2, 1.0)]  # FastComposer: text only for the first 20 %
         assert _ranges(run(stored)) == [(0.0, 0.35), (0.35, 1.0)]  # the file's own value
         assert _ranges(run(plain)) == [(0.0, 1.0)]  # no recommendation: identity throughout

@@ -153,7 +153,7 @@ def clip_preprocess(
 # --- training-time augmentation A (paper Sec. 3.3: "heavy augmentation"; none at inference) ---------------------
 
 
-@dataclass
+@dataclass(frozen=True)  # frozen: safe as a default argument
 class AugmentConfig:
     flip_p: float = 0.5
     rotate_deg: float = 20.0

@@ -6,7 +6,7 @@ that supports it sets ``supports_kv = True`` (this diffusers one; the ComfyUI on
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

@@ -157,7 +157,7 @@ class PersonaMagicEngine(TextualInversionEngine):
         pixels: torch.Tensor,
         embeddings: PersonaMagicEmbeddings,
         settings: PersonaMagicSettings,
-        guidance: FaceGuidance = FaceGuidance(),
+        guidance: Optional[FaceGuidance] = None,
         hooks: RunHooks = NO_HOOKS,
     ):
         settings.validate()
@@ -170,7 +170,7 @@ class PersonaMagicEngine(TextualInversionEngine):
             embeddings, settings.ti_config(), hooks=hooks,
         )
         self.settings = settings
-        self.guidance = guidance
+        self.guidance = guidance = guidance if guidance is not None else FaceGuidance()
         self.tower = backend.text_encoders[0]
         self.prompt_cache = PromptCache(self.tower.tokenizer)
         self.te_prompts = [p.format(self.token_text) for p in TE_PROMPTS]
@@ -366,7 +366,7 @@ class PersonaMagicRun:
         images: Union[torch.Tensor, Sequence[torch.Tensor]],
         image_embeds: Optional[torch.Tensor],
         settings: Optional[PersonaMagicSettings] = None,
-        guidance: FaceGuidance = FaceGuidance(),
+        guidance: Optional[FaceGuidance] = None,
         hooks: RunHooks = NO_HOOKS,
         pixels: Optional[torch.Tensor] = None,
     ):

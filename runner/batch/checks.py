@@ -178,7 +178,7 @@ def check_jobs(workflow: Mapping, jobs: list[Job], object_info: Mapping, base_va
                          "have (install the custom node pack that provides it, or check the pack's import errors)")
     placeholders = ex.find_placeholders(workflow)
     for job in jobs:
-        for key, value in job.values.items():
+        for key in job.values:
             node, inp = split_key(key)
             if inp is None and node not in placeholders:
                 problems.add(f"unused column: {key!r} matches no placeholder of {name}", job.position)

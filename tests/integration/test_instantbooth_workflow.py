@@ -3,8 +3,6 @@ CLIP vision tower (the smallest ComfyUI's clip_vision loader accepts), as the ru
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -31,7 +31,7 @@ def test_every_facebooth_node_has_tooltips_on_all_inputs_and_outputs(comfy_serve
                     missing.append(f"{name}: input {input_name}")
         outputs = spec.get("output", [])
         tips = spec.get("output_tooltips") or []
-        for k, out_type in enumerate(outputs):
+        for k, _out_type in enumerate(outputs):
             if k >= len(tips) or not str(tips[k] or "").strip():
                 out_name = (spec.get("output_name") or outputs)[k]
                 missing.append(f"{name}: output {k} ({out_name})")
