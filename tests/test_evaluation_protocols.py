@@ -58,6 +58,8 @@ def test_sentences_and_categories():
     assert gen == "a sks person funko pop" and ib.text_prompt(gen) == "a person funko pop"
     assert ib.category_of(ib.text_prompt(gen)) == "style"
     assert ci.with_overrides(class_word="woman").text_prompt("S* on the beach") == "woman on the beach"
+    f2d = load_protocol("f2d")  # a trigger placed before the class word does not double it
+    assert f2d.text_prompt("a photo of f l person on the beach", triggers=["f l"]) == "a photo of person on the beach"
 
 
 def test_bad_protocols_are_reported_together(tmp_path):

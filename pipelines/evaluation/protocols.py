@@ -99,6 +99,8 @@ class Protocol:
         text = _EMBEDDING.sub(lambda _m: replacement, text)
         for trig in sorted({t for t in (*triggers, self.placeholder or "") if t}, key=len, reverse=True):
             text = text.replace(trig, replacement)
+        if replacement.strip():  # "f l person" -> "person person" -> "person"
+            text = re.sub(rf"\b({re.escape(replacement.strip())})(\s+\1\b)+", r"\1", text)
         return _squash(text)
 
     def category_of(self, text_prompt: str, subject: str = "") -> str:
