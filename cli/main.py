@@ -28,9 +28,7 @@ def _load_command_modules(names: Sequence[str]) -> list[ModuleType]:
         full = name if "." in name else f"{__package__}.{name}"  # dotted names are absolute (plug-ins, tests)
         try:
             module = importlib.import_module(full)
-        except ModuleNotFoundError as exc:
-            if exc.name == full:  # the command module itself is absent: skip silently
-                continue
+        except ModuleNotFoundError as exc:  # a missing command or a dependency it needs
             log.warning("Command %r is unavailable: %s", name, exc)
             continue
         except Exception as exc:  # a broken command must not take the whole CLI down

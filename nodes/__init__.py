@@ -17,11 +17,6 @@ def collect_nodes() -> list[type[io.ComfyNode]]:
     for name in NODE_MODULES:
         try:
             module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":  # that method's nodes are not part of this version
-                continue
-            log.exception("FaceBooth: the %s nodes could not be loaded and are disabled", name)
-            continue
         except Exception:  # keep the rest of the pack usable
             log.exception("FaceBooth: the %s nodes could not be loaded and are disabled", name)
             continue

@@ -28,7 +28,6 @@ from ..pipelines.face2diffusion import (
     F2DWeightsError,
     IdentityTokens,
     MSIDEncoder,
-    PlaceholderError,
     encode_identity,
     load_mapping,
     load_msid,
@@ -78,10 +77,6 @@ class F2DModels:
     mapping: F2DMapping
     name: str
     patcher: Any = None  # comfy.model_patcher.ModelPatcher over nn.ModuleDict(msid=..., mapping=...)
-
-    @property
-    def device(self) -> torch.device:
-        return self.patcher.load_device if self.patcher is not None else next(self.msid.parameters()).device
 
 
 @dataclass
@@ -549,7 +544,6 @@ __all__ = [
     "F2DIdentity",
     "F2DModels",
     "NODES",
-    "PlaceholderError",
     "UnsupportedBaseModelError",
     "encode_prompt",
     "identity_vectors",

@@ -14,7 +14,6 @@ import torch
 
 SELECT_POLICIES = ("largest", "index", "all")
 NO_FACE_POLICIES = ("error", "skip", "pass_through")
-CROP_KINDS = ("arcface_112", "clip_224", "ffhq_512")
 
 
 @dataclass

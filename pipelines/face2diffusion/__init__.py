@@ -3,7 +3,7 @@
 
 Host-independent torch; ComfyUI adapters live in ``nodes/``.
 """
-from .expression import EXPRESSION_DIM, ExpressionEncoder, expression_dropout_mask, prepare_expression
+from .expression import EXPRESSION_DIM, expression_dropout_mask, prepare_expression
 from .injection import (
     DEFAULT_PLACEHOLDER,
     IdentityTokens,
@@ -22,7 +22,6 @@ from .msid import MSIDConfig, MSIDEncoder, encode_identity, preprocess_aligned
 __all__ = [
     "DEFAULT_PLACEHOLDER",
     "EXPRESSION_DIM",
-    "ExpressionEncoder",
     "F2DMapping",
     "F2DMappingConfig",
     "F2DWeightsError",

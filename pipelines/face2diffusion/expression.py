@@ -10,7 +10,7 @@ can be plugged in; without one the null vector is used.
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -18,16 +18,6 @@ EXPRESSION_DIM = 64
 TRAIN_EXPRESSION_DROPOUT = 0.2  # paper eq. 4
 
 ExpressionInput = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
-
-
-class ExpressionEncoder(Protocol):
-    """A 3DMM expression regressor (e.g. Deep3DFaceRecon's BFM expression coefficients)."""
-
-    name: str
-    input_size: int  # side of the aligned crop it expects (224 for Deep3DFaceRecon)
-
-    def coefficients(self, aligned: torch.Tensor) -> torch.Tensor:
-        """(N, S, S, 3) aligned faces, RGB in [0, 1] -> (N, 64) expression coefficients."""
 
 
 def prepare_expression(

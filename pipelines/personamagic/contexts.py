@@ -139,17 +139,3 @@ def encode_kv(
         value = torch.where((mixed != pre).any(-1, keepdim=True), value, key)
     return KVContexts(key=key, value=value, slot_ids=slot_ids, attention_probs=out.attention_probs)
 
-
-def encode_prompt_kv(
-    encoder: CLIPTextEncoder,
-    tokenizer: PromptTokenizer,
-    prompts: Sequence[str],
-    placeholders: Sequence[str],
-    base: torch.Tensor,
-    bypass: Optional[torch.Tensor] = None,
-    output_attentions: bool = False,
-    cache: Optional[PromptCache] = None,
-) -> KVContexts:
-    device = encoder.embeddings.token_embedding.weight.device
-    ids, slots = (cache or PromptCache(tokenizer))(prompts, placeholders, device)
-    return encode_kv(encoder, ids, slots, base, bypass, output_attentions)

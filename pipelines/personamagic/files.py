@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 METHOD = "personamagic"
 FORMAT_VERSION = "1"
-EXTRA_KEYS = ("supercategory_embedding", "image_embed")
 
 
 @dataclass
