@@ -193,7 +193,9 @@ def api_to_ui(
             if is_widget or is_link or kind not in WIDGET_TYPES:
                 inputs.append(entry)
             if is_widget:
-                widgets.append(value if not is_link else _frontend_default(info, name, kind, opts))
+                # A linked or omitted input still has a widget value: the one the editor would give it.
+                given = name in node.get("inputs", {}) and not is_link
+                widgets.append(value if given else _frontend_default(info, name, kind, opts))
                 widgets.extend(_extra_widget_values(name, kind, opts))
         properties: dict[str, Any] = {"Node name for S&R": node["class_type"]}
         found = _models_for(widgets, models or {})
