@@ -128,7 +128,7 @@ def test_arcface_features_use_the_chosen_layers():
     net = _tiny_arcface()
     crops = torch.rand(2, 112, 112, 3)
     seen = {}
-    hooks = [getattr(net, n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o)) for n in ("layer2", "layer4", "features")]
+    hooks = [getattr(net, n).register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o)) for n in ("layer2", "layer4", "features")]  # first (reference) pass only
     with torch.no_grad():
         emb = net((crops.permute(0, 3, 1, 2) - 0.5) / 0.5)  # the backbone's own forward, as ArcFace runs it
         ours = arcface_features(net, crops, ("layer2", "embedding"))
