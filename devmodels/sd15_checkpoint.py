@@ -30,6 +30,7 @@ from typing import Iterable
 
 import torch
 
+from ..pipelines.ldm_keys import LDM_CLIP, LDM_UNET, LDM_VAE, clip_text_to_ldm, unet_diffusers_to_ldm, vae_diffusers_to_ldm
 from ..utils.files import atomic_save_safetensors
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,7 @@ def checkpoint_name(seed: int = 0) -> str:
 
 METADATA_KIND = "facebooth.random_sd15"
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = LDM_UNET, LDM_VAE, LDM_CLIP
 
 # CLIP ViT-L/14 text tower, as used by SD1.x.
 CLIP_L_TEXT_CONFIG: dict = {
@@ -181,154 +180,13 @@ def build_text_encoder(cfg: TinySD15Config = TinySD15Config()):
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------
-# diffusers / transformers -> LDM key conversion
-# ----------------------------------------------------------------------------------------------------
-
-_UNET_RESNET_RENAMES = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-
-_VAE_RESNET_RENAMES = {"conv_shortcut": "nin_shortcut"}
-_VAE_ATTN_RENAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def _rename_leaf(rest: str, renames: dict[str, str]) -> str:
-    for old, new in renames.items():
-        if rest == old or rest.startswith(old + "."):
-            return new + rest[len(old):]
-    return rest
-
-
-def _split(key: str, n: int) -> tuple[list[str], str]:
-    parts = key.split(".")
-    return parts[:n], ".".join(parts[n:])
-
-
-def diffusers_unet_to_ldm(state_dict: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
-    """Rename a diffusers ``UNet2DConditionModel`` state dict to the original LDM (SD1.x) keys.
-
-    LDM numbering: ``input_blocks.0`` is conv_in; level i's resnet j is ``input_blocks.{1 + i*(L+1) + j}``
-    (``.0`` the resnet, ``.1`` its transformer) and its downsampler ``input_blocks.{(i+1)*(L+1)}.0.op``.
-    Up levels have L+1 resnets: ``output_blocks.{i*(L+1) + j}``, the upsampler rides on the last one at
-    index ``.1`` or, after a transformer, ``.2``.
-    """
-    L = layers_per_block
-    up_has_attn = {k.split(".")[1] for k in state_dict if k.startswith("up_blocks.") and ".attentions." in k}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith("time_embedding.linear_"):
-            new = key.replace("time_embedding.linear_1", "time_embed.0").replace("time_embedding.linear_2", "time_embed.2")
-        elif key.startswith("conv_in."):
-            new = "input_blocks.0.0." + key[len("conv_in."):]
-        elif key.startswith("conv_norm_out."):
-            new = "out.0." + key[len("conv_norm_out."):]
-        elif key.startswith("conv_out."):
-            new = "out.2." + key[len("conv_out."):]
-        elif key.startswith("down_blocks."):
-            (_, i, kind, j), rest = _split(key, 4)
-            i, j = int(i), int(j)
-            if kind == "resnets":
-                new = f"input_blocks.{1 + i * (L + 1) + j}.0.{_rename_leaf(rest, _UNET_RESNET_RENAMES)}"
-            elif kind == "attentions":
-                new = f"input_blocks.{1 + i * (L + 1) + j}.1.{rest}"
-            elif kind == "downsamplers":
-                new = f"input_blocks.{(i + 1) * (L + 1)}.0.op.{rest.removeprefix('conv.')}"
-            else:
-                raise KeyError(f"unexpected UNet key {key}")
-        elif key.startswith("mid_block."):
-            (_, kind, j), rest = _split(key, 3)
-            if kind == "resnets":
-                new = f"middle_block.{2 * int(j)}.{_rename_leaf(rest, _UNET_RESNET_RENAMES)}"
-            elif kind == "attentions":
-                new = f"middle_block.1.{rest}"
-            else:
-                raise KeyError(f"unexpected UNet key {key}")
-        elif key.startswith("up_blocks."):
-            (_, i, kind, j), rest = _split(key, 4)
-            block = int(i) * (L + 1)
-            if kind == "resnets":
-                new = f"output_blocks.{block + int(j)}.0.{_rename_leaf(rest, _UNET_RESNET_RENAMES)}"
-            elif kind == "attentions":
-                new = f"output_blocks.{block + int(j)}.1.{rest}"
-            elif kind == "upsamplers":
-                slot = 2 if i in up_has_attn else 1
-                new = f"output_blocks.{block + L}.{slot}.{rest}"
-            else:
-                raise KeyError(f"unexpected UNet key {key}")
-        else:
-            raise KeyError(f"unexpected UNet key {key}")
-        out[new] = value
-    return out
-
-
-def diffusers_vae_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a diffusers ``AutoencoderKL`` state dict to the original LDM VAE keys.
-
-    Decoder levels are numbered in reverse in LDM (``decoder.up.3`` runs first), and the mid-block attention
-    uses 1x1 convolutions, so its linear weights gain two trailing unit dims.
-    """
-    n_up = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("decoder.up_blocks."))
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith(("quant_conv.", "post_quant_conv.")):
-            out[key] = value
-            continue
-        side, rest = key.split(".", 1)  # encoder / decoder
-        if rest.startswith(("conv_in.", "conv_out.")):
-            new = rest
-        elif rest.startswith("conv_norm_out."):
-            new = "norm_out." + rest[len("conv_norm_out."):]
-        elif rest.startswith("down_blocks."):
-            (_, i, kind, j), leaf = _split(rest, 4)
-            if kind == "resnets":
-                new = f"down.{i}.block.{j}.{_rename_leaf(leaf, _VAE_RESNET_RENAMES)}"
-            else:  # downsamplers.0.conv
-                new = f"down.{i}.downsample.{leaf}"
-        elif rest.startswith("up_blocks."):
-            (_, i, kind, j), leaf = _split(rest, 4)
-            level = n_up - 1 - int(i)
-            if kind == "resnets":
-                new = f"up.{level}.block.{j}.{_rename_leaf(leaf, _VAE_RESNET_RENAMES)}"
-            else:  # upsamplers.0.conv
-                new = f"up.{level}.upsample.{leaf}"
-        elif rest.startswith("mid_block.resnets."):
-            (_, _, j), leaf = _split(rest, 3)
-            new = f"mid.block_{int(j) + 1}.{_rename_leaf(leaf, _VAE_RESNET_RENAMES)}"
-        elif rest.startswith("mid_block.attentions.0."):
-            leaf = _rename_leaf(rest[len("mid_block.attentions.0."):], _VAE_ATTN_RENAMES)
-            new = f"mid.attn_1.{leaf}"
-            if leaf.split(".")[0] in ("q", "k", "v", "proj_out") and leaf.endswith("weight") and value.ndim == 2:
-                value = value[:, :, None, None]
-        else:
-            raise KeyError(f"unexpected VAE key {key}")
-        out[f"{side}.{new}"] = value
-    return out
-
-
-def clip_text_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CLIPTextModel keys (with or without the ``text_model.`` prefix, which transformers 5 drops) -> the
-    part after ``cond_stage_model.transformer.text_model.``."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.endswith("position_ids"):
-            continue  # a buffer, recomputed by every loader
-        out[key.removeprefix("text_model.")] = value
-    return out
-
-
 def ldm_state_dict(cfg: TinySD15Config = TinySD15Config(), models: Iterable | None = None) -> dict[str, torch.Tensor]:
     """The full checkpoint in LDM layout (fp16). ``models`` = (unet, vae, text_encoder) to reuse built ones."""
     unet, vae, text = models if models is not None else (build_unet(cfg), build_vae(cfg), build_text_encoder(cfg))
     sd: dict[str, torch.Tensor] = {}
-    for k, v in diffusers_unet_to_ldm(unet.state_dict(), cfg.num_res_blocks).items():
+    for k, v in unet_diffusers_to_ldm(unet.state_dict()).items():
         sd[UNET_PREFIX + k] = v
-    for k, v in diffusers_vae_to_ldm(vae.state_dict()).items():
+    for k, v in vae_diffusers_to_ldm(vae.state_dict()).items():
         sd[VAE_PREFIX + k] = v
     for k, v in clip_text_to_ldm(text.state_dict()).items():
         sd[CLIP_PREFIX + k] = v
@@ -376,8 +234,8 @@ def load_reference_models(path: str | Path):
         vae = AutoencoderKL(**SD_VAE_CONFIG)
         text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
     return (
-        _load_into(unet, lambda sd: diffusers_unet_to_ldm(sd, cfg.num_res_blocks), file_sd, UNET_PREFIX),
-        _load_into(vae, diffusers_vae_to_ldm, file_sd, VAE_PREFIX),
+        _load_into(unet, unet_diffusers_to_ldm, file_sd, UNET_PREFIX),
+        _load_into(vae, vae_diffusers_to_ldm, file_sd, VAE_PREFIX),
         _load_into(text, clip_text_to_ldm, file_sd, CLIP_PREFIX),
     )
 

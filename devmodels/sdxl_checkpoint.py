@@ -33,7 +33,8 @@ from typing import Iterator
 import torch
 
 from ..utils.files import atomic_save_safetensors
-from .sd15_checkpoint import CLIP_L_TEXT_CONFIG, diffusers_unet_to_ldm
+from ..pipelines.ldm_keys import unet_diffusers_to_ldm
+from .sd15_checkpoint import CLIP_L_TEXT_CONFIG
 from .sd15_checkpoint import read_fingerprint as read_checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def unet_shapes(cfg: TinySDXLConfig = TinySDXLConfig()) -> dict[str, torch.Size]
         unet = UNet2DConditionModel(**unet_diffusers_config(cfg))
     sd = unet.state_dict()
     adm = {k: sd.pop(k) for k in list(sd) if k.startswith("add_embedding.")}
-    out = {k: v.shape for k, v in diffusers_unet_to_ldm(sd, cfg.num_res_blocks).items()}
+    out = {k: v.shape for k, v in unet_diffusers_to_ldm(sd).items()}
     for k, v in adm.items():  # the SDXL "label" embedding: Linear, SiLU, Linear
         out[k.replace("add_embedding.linear_1", "label_emb.0.0").replace("add_embedding.linear_2", "label_emb.0.2")] = v.shape
     return out

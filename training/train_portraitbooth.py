@@ -33,10 +33,8 @@ import torch.nn.functional as F
 
 from ..pipelines.face.align import crop_matrix
 from ..pipelines.face.arcface import load_arcface
-from ..pipelines.portraitbooth.fastcomposer_loading import (
-    save_stea,
-    unet_diffusers_to_ldm,
-)
+from ..pipelines.ldm_keys import unet_diffusers_to_ldm
+from ..pipelines.portraitbooth.fastcomposer_loading import save_stea
 from ..pipelines.portraitbooth.losses import (
     BETA,
     GAMMA,

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping, Sequence, Union
 
+from ..ldm_keys import input_block_index, output_block_index
+
 _LDM_RE = re.compile(r"^(?:(input_blocks|output_blocks)\.(\d+)|(middle_block))\.(\d+)\.transformer_blocks\.(\d+)$")
 _DIFFUSERS_RE = re.compile(
     r"^(?:(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.(\d+))\.transformer_blocks\.(\d+)$"
@@ -79,11 +81,8 @@ def diffusers_to_ldm(name: str, layers_per_block: Union[int, Sequence[int]], lev
     if level >= levels:
         raise LayoutError(f"{name!r}: the UNet has only {levels} levels.")
     if kind == "down_blocks":
-        block_id = 1 + sum(per_level[lv] + 1 for lv in range(level)) + j
-        return f"input_blocks.{block_id}.1.transformer_blocks.{depth_index}"
-    reversed_levels = list(reversed(per_level))
-    block_id = sum(reversed_levels[i] + 1 for i in range(level)) + j
-    return f"output_blocks.{block_id}.1.transformer_blocks.{depth_index}"
+        return f"input_blocks.{input_block_index(level, j, per_level)}.1.transformer_blocks.{depth_index}"
+    return f"output_blocks.{output_block_index(level, j, per_level)}.1.transformer_blocks.{depth_index}"
 
 
 def sd_unet_layout(
@@ -103,25 +102,20 @@ def sd_unet_layout(
     if len(attention_levels) != levels:
         raise LayoutError("attention_levels needs one flag per level of channel_mult.")
     out: dict[str, int] = {}
-    block_id = 1
     for lv in range(levels):
-        for _ in range(nres[lv]):
+        for j in range(nres[lv]):
             if attention_levels[lv]:
                 for d in range(transformer_depth):
-                    out[f"input_blocks.{block_id}.1.transformer_blocks.{d}"] = model_channels * channel_mult[lv]
-            block_id += 1
-        if lv != levels - 1:
-            block_id += 1  # downsampler
+                    out[f"input_blocks.{input_block_index(lv, j, nres)}.1.transformer_blocks.{d}"] = model_channels * channel_mult[lv]
     if any(attention_levels):
         for d in range(transformer_depth):
             out[f"middle_block.1.transformer_blocks.{d}"] = model_channels * channel_mult[-1]
-    block_id = 0
-    for lv in reversed(range(levels)):
-        for _ in range(nres[lv] + 1):
+    for up in range(levels):  # up levels run deepest first
+        lv = levels - 1 - up
+        for j in range(nres[lv] + 1):
             if attention_levels[lv]:
                 for d in range(transformer_depth):
-                    out[f"output_blocks.{block_id}.1.transformer_blocks.{d}"] = model_channels * channel_mult[lv]
-            block_id += 1
+                    out[f"output_blocks.{output_block_index(up, j, nres)}.1.transformer_blocks.{d}"] = model_channels * channel_mult[lv]
     return out
 
 

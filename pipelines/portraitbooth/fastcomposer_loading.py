@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -32,6 +31,16 @@ import torch
 from torch import nn
 
 from ...utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
+from ...utils.state_dict import StateDictMismatchError, load_strict
+from ..ldm_keys import (
+    LDM_CLIP,
+    LDM_UNET,
+    LDM_VAE,
+    LDMKeyError,
+    clip_text_to_ldm,
+    unet_diffusers_to_ldm,
+    vae_diffusers_to_ldm,
+)
 from .stea import STEAConfig, STEAModel, config_from_fuse_state_dict
 
 log = logging.getLogger(__name__)
@@ -41,9 +50,6 @@ COMPONENT = "stea"
 FORMAT_VERSION = "1"
 
 FC_PREFIXES = ("unet.", "vae.", "text_encoder.", "image_encoder.", "postfuse_module.")
-LDM_UNET = "model.diffusion_model."
-LDM_VAE = "first_stage_model."
-LDM_CLIP = "cond_stage_model.transformer.text_model."
 
 
 class FastComposerWeightsError(ValueError):
@@ -129,170 +135,25 @@ def split_fastcomposer(sd: Mapping[str, torch.Tensor], name: str = "checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------------
-# diffusers -> LDM key conversion
+# diffusers -> LDM key conversion (the block numbering lives in pipelines/ldm_keys.py)
 # ----------------------------------------------------------------------------------------------------
-
-_RESNET = (
-    ("norm1", "in_layers.0"),
-    ("conv1", "in_layers.2"),
-    ("time_emb_proj", "emb_layers.1"),
-    ("norm2", "out_layers.0"),
-    ("conv2", "out_layers.3"),
-    ("conv_shortcut", "skip_connection"),
-)
-_VAE_RESNET = (("conv_shortcut", "nin_shortcut"),)
-# New (diffusers >= 0.17) and old attention names in the VAE's mid block -> LDM's 1x1-conv attention.
-_VAE_ATTN = (
-    ("group_norm", "norm"),
-    ("to_q", "q"),
-    ("query", "q"),
-    ("to_k", "k"),
-    ("key", "k"),
-    ("to_v", "v"),
-    ("value", "v"),
-    ("to_out.0", "proj_out"),
-    ("proj_attn", "proj_out"),
-)
-
-
-def _rename(leaf: str, table: tuple[tuple[str, str], ...]) -> str:
-    for old, new in table:
-        if leaf == old or leaf.startswith(old + "."):
-            return new + leaf[len(old):]
-    return leaf
-
-
-_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
-_MID = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
-
-
-def unet_diffusers_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers ``UNet2DConditionModel`` keys (SD1.x / SD2.x) -> original LDM ``UNetModel`` keys.
-
-    Numbering: ``input_blocks.0`` is conv_in; down level i, resnet j is ``input_blocks.{1 + i(L+1) + j}``
-    (``.0`` resnet, ``.1`` its transformer); the level's downsampler is ``input_blocks.{(i+1)(L+1)}.0.op``.
-    Up level i has L+1 resnets at ``output_blocks.{i(L+1) + j}``; its upsampler rides on the last one at
-    ``.1`` or, when that block has a transformer, ``.2``. L = resnets per down level.
-    """
-    levels = [int(m.group(4)) for k in sd if (m := _BLOCK.match(k)) and m.group(1) == "down_blocks" and m.group(3) == "resnets"]
-    if not levels:
-        raise FastComposerWeightsError("The UNet weights have no down_blocks.*.resnets: not a diffusers UNet2DConditionModel.")
-    per_level = 1 + max(levels)
-    up_with_attn = {int(m.group(2)) for k in sd if (m := _BLOCK.match(k)) and m.group(1) == "up_blocks" and m.group(3) == "attentions"}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        m = _BLOCK.match(key)
-        mid = _MID.match(key)
-        if m:
-            side, level, kind, j, leaf = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-            if side == "down_blocks":
-                n = 1 + level * (per_level + 1) + j
-                if kind == "resnets":
-                    new = f"input_blocks.{n}.0.{_rename(leaf, _RESNET)}"
-                elif kind == "attentions":
-                    new = f"input_blocks.{n}.1.{leaf}"
-                else:  # downsamplers.0.conv.*
-                    new = f"input_blocks.{(level + 1) * (per_level + 1)}.0.op.{leaf.removeprefix('conv.')}"
-            else:
-                n = level * (per_level + 1) + j
-                if kind == "resnets":
-                    new = f"output_blocks.{n}.0.{_rename(leaf, _RESNET)}"
-                elif kind == "attentions":
-                    new = f"output_blocks.{n}.1.{leaf}"
-                else:  # upsamplers.0.conv.*
-                    slot = 2 if level in up_with_attn else 1
-                    new = f"output_blocks.{level * (per_level + 1) + per_level}.{slot}.{leaf}"
-        elif mid:
-            kind, j, leaf = mid.group(1), int(mid.group(2)), mid.group(3)
-            new = f"middle_block.{2 * j}.{_rename(leaf, _RESNET)}" if kind == "resnets" else f"middle_block.1.{leaf}"
-        elif key.startswith("time_embedding.linear_1."):
-            new = "time_embed.0." + key.rsplit(".", 1)[1]
-        elif key.startswith("time_embedding.linear_2."):
-            new = "time_embed.2." + key.rsplit(".", 1)[1]
-        elif key.startswith("conv_in."):
-            new = "input_blocks.0.0." + key[len("conv_in."):]
-        elif key.startswith("conv_norm_out."):
-            new = "out.0." + key[len("conv_norm_out."):]
-        elif key.startswith("conv_out."):
-            new = "out.2." + key[len("conv_out."):]
-        else:
-            raise FastComposerWeightsError(
-                f"Unexpected UNet key {key!r}: only SD1.x/SD2.x UNets (no class or added embeddings) can be converted."
-            )
-        out[new] = value
-    return out
-
-
-_VAE_LEVEL = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)$")
-
-
-def vae_diffusers_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers ``AutoencoderKL`` keys, old or new attention names -> original LDM VAE keys.
-
-    The decoder's levels are numbered in reverse in LDM, and its mid-block attention uses 1x1 convolutions,
-    so linear q/k/v/proj weights gain two unit dims.
-    """
-    ups = [int(m.group(3)) for k in sd if (m := _VAE_LEVEL.match(k)) and m.group(2) == "up_blocks"]
-    n_up = 1 + max(ups) if ups else 0
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.startswith(("quant_conv.", "post_quant_conv.")):
-            out[key] = value
-            continue
-        m = _VAE_LEVEL.match(key)
-        if m:
-            side, kind, level, sub, j, leaf = m.group(1), m.group(2), int(m.group(3)), m.group(4), m.group(5), m.group(6)
-            if kind == "up_blocks":
-                level = n_up - 1 - level
-            block = "down" if kind == "down_blocks" else "up"
-            if sub == "resnets":
-                new = f"{side}.{block}.{level}.block.{j}.{_rename(leaf, _VAE_RESNET)}"
-            else:
-                new = f"{side}.{block}.{level}.{'downsample' if sub == 'downsamplers' else 'upsample'}.{leaf}"
-            out[new] = value
-            continue
-        side, _, rest = key.partition(".")
-        if side not in ("encoder", "decoder"):
-            raise FastComposerWeightsError(f"Unexpected VAE key {key!r}.")
-        if rest.startswith("mid_block.resnets."):
-            j, _, leaf = rest[len("mid_block.resnets."):].partition(".")
-            new = f"mid.block_{int(j) + 1}.{_rename(leaf, _VAE_RESNET)}"
-        elif rest.startswith("mid_block.attentions.0."):
-            leaf = _rename(rest[len("mid_block.attentions.0."):], _VAE_ATTN)
-            new = f"mid.attn_1.{leaf}"
-            if leaf.split(".")[0] in ("q", "k", "v", "proj_out") and leaf.endswith(".weight") and value.ndim == 2:
-                value = value[:, :, None, None]
-        elif rest.startswith("conv_norm_out."):
-            new = "norm_out." + rest[len("conv_norm_out."):]
-        elif rest.startswith(("conv_in.", "conv_out.")):
-            new = rest
-        else:
-            raise FastComposerWeightsError(f"Unexpected VAE key {key!r}.")
-        out[f"{side}.{new}"] = value
-    return out
 
 
 def text_encoder_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """FastComposer's text encoder (no ``text_model.`` level, persistent position_ids) -> keys under
     ``text_model.`` as in Hugging Face files, without the position_ids buffer (every loader rebuilds it)."""
-    out = {}
-    for key, value in sd.items():
-        if key.endswith("position_ids"):
-            continue
-        out["text_model." + key.removeprefix("text_model.")] = value
-    return out
+    return {"text_model." + k: v for k, v in clip_text_to_ldm(sd).items()}
 
 
 def fastcomposer_to_ldm_checkpoint(parts: FastComposerParts) -> dict[str, torch.Tensor]:
     """An SD1.x checkpoint in the original LDM layout (what ComfyUI's checkpoint loader reads):
     the fine-tuned UNet, the VAE and the text encoder from the FastComposer file."""
-    sd: dict[str, torch.Tensor] = {}
-    for k, v in unet_diffusers_to_ldm(parts.unet).items():
-        sd[LDM_UNET + k] = v
-    for k, v in vae_diffusers_to_ldm(parts.vae).items():
-        sd[LDM_VAE + k] = v
-    for k, v in text_encoder_to_hf(parts.text_encoder).items():
-        sd[LDM_CLIP + k.removeprefix("text_model.")] = v
+    try:
+        sd = {LDM_UNET + k: v for k, v in unet_diffusers_to_ldm(parts.unet).items()}
+        sd.update({LDM_VAE + k: v for k, v in vae_diffusers_to_ldm(parts.vae).items()})
+    except LDMKeyError as exc:
+        raise FastComposerWeightsError(str(exc)) from exc
+    sd.update({LDM_CLIP + k: v for k, v in clip_text_to_ldm(parts.text_encoder).items()})
     return sd
 
 
@@ -302,20 +163,11 @@ def fastcomposer_to_ldm_checkpoint(parts: FastComposerParts) -> dict[str, torch.
 
 
 def _strict_load(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, assign: bool = False) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if bad:
-            parts.append("shape mismatches " + ", ".join(f"{k} {a} vs {b}" for k, a, b in bad[:4]))
-        raise FastComposerWeightsError(f"The {what} weights do not fit: {'; '.join(parts)}. The file is damaged or of another model.")
-    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True, assign=assign)
+    try:
+        load_strict(module, sd, source="The file", network=what, assign=assign,
+                    hint="The file is damaged or of another model.")
+    except StateDictMismatchError as exc:
+        raise FastComposerWeightsError(str(exc)) from exc
 
 
 def image_encoder_config(sd: Mapping[str, torch.Tensor], num_heads: Optional[int] = None):
