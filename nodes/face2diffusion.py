@@ -23,19 +23,18 @@ from ..pipelines.face.analyzer import to_rgb_batch
 from ..pipelines.face.types import FaceSet
 from ..pipelines.face2diffusion import (
     DEFAULT_PLACEHOLDER,
-    EXPRESSION_DIM,
     F2DMapping,
     F2DWeightsError,
     IdentityTokens,
     MSIDEncoder,
     encode_identity,
+    load_expression,
     load_mapping,
     load_msid,
     placeholder_token_id,
     plan_chunked_injection,
     prepare_expression,
 )
-from ..utils.files import load_state_dict_file
 from . import model_folders
 from .common import (
     DEVICE_CHOICES,
@@ -142,35 +141,6 @@ def _resolve_expression(name: str) -> str:
         f"FaceBooth: expression file '{name}' not found in: {', '.join(_expression_roots())}. "
         "Put a .npy (64 coefficients) or .safetensors file there and refresh the page."
     )
-
-
-def load_expression(path: str) -> torch.Tensor:
-    """64 expression coefficients from a .npy (as the mapping training reads) or a .safetensors file."""
-    name = os.path.basename(path)
-    if path.lower().endswith(".npy"):
-        import numpy as np
-
-        try:
-            value = torch.from_numpy(np.load(path, allow_pickle=False).astype("float32"))
-        except ValueError as exc:  # object arrays need pickle: refused
-            raise ValueError(f"{name} is not a plain numeric .npy file ({exc}).") from exc
-    else:
-        sd, _meta = load_state_dict_file(path)
-        if "expression" in sd:
-            value = sd["expression"]
-        elif len(sd) == 1:
-            value = next(iter(sd.values()))
-        else:
-            raise ValueError(f"{name} holds {len(sd)} tensors; name the 64 coefficients 'expression'.")
-    value = value.float().reshape(-1)
-    if value.numel() != EXPRESSION_DIM:
-        raise ValueError(
-            f"{name} holds {value.numel()} numbers; a Face2Diffusion expression is {EXPRESSION_DIM} 3DMM expression "
-            "coefficients (e.g. the 'exp' coefficients of Deep3DFaceRecon)."
-        )
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or inf.")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -548,7 +518,6 @@ __all__ = [
     "encode_prompt",
     "identity_vectors",
     "inject_identities",
-    "load_expression",
     "load_f2d_models",
     "make_identity",
     "sd1_text_model",

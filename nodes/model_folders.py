@@ -6,19 +6,14 @@ import os
 
 import folder_paths
 
+from ..utils.manifest import PACK_FOLDERS
+
 log = logging.getLogger(__name__)
 
-# folder key -> default location under ComfyUI's models dir, and accepted extensions.
-_WEIGHT_EXTS = {".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt"}
+# folder key -> default location under ComfyUI's models dir (native separators), and accepted extensions;
+# the table itself is utils/manifest.PACK_FOLDERS (shared with the manifest and the CLI).
 FOLDERS: dict[str, tuple[str, set[str]]] = {
-    "insightface": ("insightface", {".onnx"}),  # shared with other face packs
-    "facebooth/face": (os.path.join("facebooth", "face"), _WEIGHT_EXTS),
-    "facebooth/identities": (os.path.join("facebooth", "identities"), {".safetensors"}),
-    "facebooth/face2diffusion": (os.path.join("facebooth", "face2diffusion"), _WEIGHT_EXTS),
-    "facebooth/portraitbooth": (os.path.join("facebooth", "portraitbooth"), _WEIGHT_EXTS),
-    "facebooth/instantbooth": (os.path.join("facebooth", "instantbooth"), _WEIGHT_EXTS),
-    "facebooth/personamagic": (os.path.join("facebooth", "personamagic"), {".safetensors"}),
-    "facebooth/evaluation": (os.path.join("facebooth", "evaluation"), _WEIGHT_EXTS),  # CLIP / FaceNet for scores
+    key: (os.path.join(*rel.split("/")), set(exts)) for key, (rel, exts) in PACK_FOLDERS.items()
 }
 
 

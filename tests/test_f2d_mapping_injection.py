@@ -192,18 +192,18 @@ def test_loading_errors_are_clear(tmp_path):
     missing = dict(sd)
     missing.pop("i2t_last.fc_out.bias")
     torch.save(missing, tmp_path / "missing.pt")
-    with pytest.raises(F2DWeightsError, match=r"missing keys \(1\): i2t_last.fc_out.bias"):
+    with pytest.raises(F2DWeightsError, match=r"1 missing key\(s\): i2t_last.fc_out.bias"):
         load_mapping(tmp_path / "missing.pt")
 
     extra = dict(sd, **{"i2t_first.extra.weight": torch.zeros(2)})
     torch.save(extra, tmp_path / "extra.pt")
-    with pytest.raises(F2DWeightsError, match="unexpected keys.*i2t_first.extra.weight"):
+    with pytest.raises(F2DWeightsError, match=r"unexpected key\(s\).*i2t_first.extra.weight"):
         load_mapping(tmp_path / "extra.pt")
 
     bad = dict(sd)
     bad["i2t_last.fc_out.weight"] = torch.zeros(31, 80)
     torch.save(bad, tmp_path / "shape.pt")
-    with pytest.raises(F2DWeightsError, match="shape mismatches: i2t_last.fc_out.weight"):
+    with pytest.raises(F2DWeightsError, match="wrong shape: i2t_last.fc_out.weight"):
         load_mapping(tmp_path / "shape.pt")
 
     torch.save(F2DMapping(SMALL_MAP), tmp_path / "pickled.pt")  # a whole pickled module, not a state dict

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.face2diffusion.expression import EXPRESSION_DIM
+from ..pipelines.face2diffusion.expression import EXPRESSION_DIM, load_expression
 from .datafiles import IMAGE_EXTS, find_by_stem, list_images, read_gray, read_rgb
 
 # Shared run scaffolding, re-exported for the scripts and tests that import it from here.
@@ -152,10 +152,7 @@ class FaceMappingDataset:
         path = self.expressions[index]
         if path is None:
             return torch.zeros(EXPRESSION_DIM), False
-        e = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
-        if e.shape[0] != EXPRESSION_DIM or not np.isfinite(e).all():
-            raise ValueError(f"Expression file {path} must hold {EXPRESSION_DIM} finite coefficients, got shape {e.shape}.")
-        return torch.from_numpy(e), True
+        return load_expression(path), True
 
     def get(self, index: int, flip: bool = False) -> dict[str, Any]:
         img = load_rgb(self.images[index], self.resolution)

@@ -27,17 +27,25 @@ KNOWN_METHODS: tuple[str, ...] = (
     "evaluation",
 )
 
-# ComfyUI model-folder key -> default location under ComfyUI's models dir (posix, relative).
-# Ours mirror nodes/model_folders.py (which cannot be imported here: it needs ComfyUI); core keys are ComfyUI's.
+# The model folders this pack registers with ComfyUI (nodes/model_folders.py): key -> (default location under
+# ComfyUI's models dir, posix and relative; accepted extensions). Kept here, host-independent, so the manifest
+# and the CLI read the same table without ComfyUI.
+WEIGHT_EXTS = frozenset({".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt"})
+PACK_FOLDERS: dict[str, tuple[str, frozenset[str]]] = {
+    "insightface": ("insightface", frozenset({".onnx"})),  # shared with other face packs
+    "facebooth/face": ("facebooth/face", WEIGHT_EXTS),
+    "facebooth/identities": ("facebooth/identities", frozenset({".safetensors"})),
+    "facebooth/face2diffusion": ("facebooth/face2diffusion", WEIGHT_EXTS),
+    "facebooth/portraitbooth": ("facebooth/portraitbooth", WEIGHT_EXTS),
+    "facebooth/instantbooth": ("facebooth/instantbooth", WEIGHT_EXTS),
+    "facebooth/personamagic": ("facebooth/personamagic", frozenset({".safetensors"})),
+    "facebooth/evaluation": ("facebooth/evaluation", WEIGHT_EXTS),  # CLIP / FaceNet for scores
+}
+
+# ComfyUI model-folder key -> default location under ComfyUI's models dir (posix, relative): ours plus the core
+# folders manifest entries may name.
 FOLDER_DEFAULTS: dict[str, str] = {
-    "insightface": "insightface",
-    "facebooth/face": "facebooth/face",
-    "facebooth/identities": "facebooth/identities",
-    "facebooth/face2diffusion": "facebooth/face2diffusion",
-    "facebooth/portraitbooth": "facebooth/portraitbooth",
-    "facebooth/instantbooth": "facebooth/instantbooth",
-    "facebooth/personamagic": "facebooth/personamagic",
-    "facebooth/evaluation": "facebooth/evaluation",
+    **{key: rel for key, (rel, _exts) in PACK_FOLDERS.items()},
     "clip_vision": "clip_vision",
     "embeddings": "embeddings",
     "checkpoints": "checkpoints",

@@ -3,7 +3,7 @@
 
 Host-independent torch; ComfyUI adapters live in ``nodes/``.
 """
-from .expression import EXPRESSION_DIM, expression_dropout_mask, prepare_expression
+from .expression import EXPRESSION_DIM, expression_dropout_mask, load_expression, prepare_expression
 from .injection import (
     DEFAULT_PLACEHOLDER,
     IdentityTokens,
@@ -33,6 +33,7 @@ __all__ = [
     "encode_with_identities",
     "expression_dropout_mask",
     "find_identity_slots",
+    "load_expression",
     "load_mapping",
     "load_msid",
     "placeholder_token_id",

@@ -10,9 +10,13 @@ can be plugged in; without one the null vector is used.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
+
+from ...utils.files import load_state_dict_file
 
 EXPRESSION_DIM = 64
 TRAIN_EXPRESSION_DROPOUT = 0.2  # paper eq. 4
@@ -78,3 +82,32 @@ def _check_dim(exp: torch.Tensor, dim: int) -> None:
         raise ValueError(
             f"Face2Diffusion expression vectors have {dim} coefficients (3DMM expression basis); got shape {tuple(exp.shape)}."
         )
+
+
+def load_expression(path: str | os.PathLike) -> torch.Tensor:
+    """64 expression coefficients from a .npy (as the mapping training reads) or a .safetensors file
+    (a tensor named ``expression``, or the only one). Refuses pickled arrays, other sizes and NaN/inf."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if path.lower().endswith(".npy"):
+        try:
+            value = torch.from_numpy(np.load(path, allow_pickle=False).astype("float32"))
+        except ValueError as exc:  # object arrays need pickle: refused
+            raise ValueError(f"{name} is not a plain numeric .npy file ({exc}).") from exc
+    else:
+        sd, _meta = load_state_dict_file(path)
+        if "expression" in sd:
+            value = sd["expression"]
+        elif len(sd) == 1:
+            value = next(iter(sd.values()))
+        else:
+            raise ValueError(f"{name} holds {len(sd)} tensors; name the 64 coefficients 'expression'.")
+    value = value.float().reshape(-1)
+    if value.numel() != EXPRESSION_DIM:
+        raise ValueError(
+            f"{name} holds {value.numel()} numbers; a Face2Diffusion expression is {EXPRESSION_DIM} 3DMM expression "
+            "coefficients (e.g. the 'exp' coefficients of Deep3DFaceRecon)."
+        )
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or inf.")
+    return value

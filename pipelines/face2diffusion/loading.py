@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ...utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
+from ...utils.state_dict import StateDictMismatchError, check_state_dict
 from .mapping import F2DMapping, F2DMappingConfig, mapping_config_from_state_dict
 from .msid import MSIDConfig, MSIDEncoder, msid_config_from_state_dict
 
@@ -67,22 +68,11 @@ def _check_component(sd: dict[str, torch.Tensor], meta: dict[str, str], want: st
 
 def _load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
     """Strict load with a message that names the offending keys instead of torch's wall of text."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad_shape = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}")
-        if bad_shape:
-            parts.append("shape mismatches: " + ", ".join(f"{k} file {a} vs model {b}" for k, a, b in bad_shape[:6]))
-        raise F2DWeightsError(
-            f"{name} does not match the Face2Diffusion layout: {'; '.join(parts)}. "
-            "The file is damaged or comes from a different model; download the official file again."
-        )
+    try:
+        check_state_dict(model.state_dict(), sd, source=name, network="Face2Diffusion",
+                         hint="The file is damaged or comes from a different model; download the official file again.")
+    except StateDictMismatchError as exc:
+        raise F2DWeightsError(str(exc)) from exc
     for k, v in sd.items():
         if not torch.isfinite(v.float()).all():
             raise F2DWeightsError(f"{name}: tensor {k} contains NaN or inf; the file is damaged.")

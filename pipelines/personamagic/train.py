@@ -18,7 +18,6 @@ stage for the remaining steps.
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Union
@@ -28,7 +27,7 @@ import torch
 from ..cross_init import prepare_images
 from ..runtime import NO_HOOKS, RunHooks
 from ..textual_inversion.backend import TIBackend
-from ..textual_inversion.engine import NonFiniteLossError, TextualInversionEngine, TIConfig, TIResult
+from ..textual_inversion.engine import TextualInversionEngine, TIConfig, TIResult
 from .attention import AttentionProbe, KVCond
 from .backends import predict_kv
 from .contexts import SUPERCATEGORY, PromptCache, encode_kv, internal_placeholders, supercategory_embedding
@@ -256,23 +255,7 @@ class PersonaMagicEngine(TextualInversionEngine):
                 backend.num_train_timesteps,
             )
         loss = mse + te.float() + ident
-        value = float(loss.detach())
-        step = len(self.result.loss_history) + 1
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"The loss became {value} at step {step}. The optimisation diverged: lower the learning rate and "
-                "check the model and the reference image."
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        if self._scaler is not None:
-            self._scaler.scale(loss).backward()
-            self._scaler.step(self.optimizer)
-            self._scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        if not all(torch.isfinite(p).all() for p in self.embeddings.parameters()):
-            raise NonFiniteLossError(f"The mapper's weights became NaN/inf at step {step}: lower the learning rate.")
+        value = self._optimizer_step(loss, "mapper's weights", "lower the learning rate and check the model and the reference image.")
         self.result.loss_history.append(value)
         self.result.diffusion_loss_history.append(float(mse.detach()))
         self.result.reg_loss_history.append(float(te.detach()) + float(ident.detach()))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..face.align import invert_affine
+from ..textual_inversion.backend import ddpm_predicted_x0
 from .stea import arcface_features
 
 R_T = 250
@@ -60,13 +61,9 @@ def noise_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Te
 
 def predict_x0(noisy: torch.Tensor, model_output: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
                prediction_type: str = "epsilon") -> torch.Tensor:
-    """One-step estimate of the clean latent from z_t and the UNet output (epsilon or v)."""
-    a = alphas_cumprod.to(noisy.device)[timesteps].float().reshape(-1, 1, 1, 1)
-    if prediction_type == "epsilon":
-        return (noisy.float() - (1 - a).sqrt() * model_output.float()) / a.sqrt()
-    if prediction_type == "v_prediction":
-        return a.sqrt() * noisy.float() - (1 - a).sqrt() * model_output.float()
-    raise ValueError(f"Unsupported prediction type {prediction_type!r}.")
+    """One-step estimate of the clean latent from z_t and the UNet output (epsilon or v), in float32 (the
+    training step runs under autocast); the formula is the textual-inversion engine's."""
+    return ddpm_predicted_x0(alphas_cumprod.float(), noisy.float(), timesteps, model_output.float(), prediction_type)
 
 
 def warp_batch(images: torch.Tensor, matrices: torch.Tensor, size: int) -> torch.Tensor:

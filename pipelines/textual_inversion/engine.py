@@ -207,12 +207,23 @@ class TextualInversionEngine:
         diffusion = F.mse_loss(pred.float(), target.float(), reduction="mean")
         reg = self.regularizer(vectors) if self.regularizer is not None else diffusion.new_zeros(())
         loss = diffusion + reg
+        value = self._optimizer_step(
+            loss, "embedding", "lower the learning rate (or use the 'full' preset), and check the model and reference images."
+        )
+        self.result.loss_history.append(value)
+        self.result.diffusion_loss_history.append(float(diffusion.detach()))
+        self.result.reg_loss_history.append(float(reg.detach()))
+        self._last = (noisy.detach(), timesteps, pred.detach())
+        return value
+
+    def _optimizer_step(self, loss: torch.Tensor, trained: str, advice: str) -> float:
+        """Backward and one optimizer step (through the AMP scaler when there is one). A non-finite loss is
+        refused before the step and non-finite trained weights after it (NonFiniteLossError naming ``trained``
+        and the ``advice``), so a diverged run stops instead of saving NaNs. Returns the loss value."""
         value = float(loss.detach())
+        step = len(self.result.loss_history) + 1
         if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"The loss became {value} at step {len(self.result.loss_history) + 1}. The optimisation diverged: "
-                "lower the learning rate (or use the 'full' preset), and check the model and reference images."
-            )
+            raise NonFiniteLossError(f"The loss became {value} at step {step}. The optimisation diverged: {advice}")
         self.optimizer.zero_grad(set_to_none=True)
         if self._scaler is not None:
             self._scaler.scale(loss).backward()
@@ -222,13 +233,7 @@ class TextualInversionEngine:
             loss.backward()
             self.optimizer.step()
         if not all(torch.isfinite(p).all() for p in self.embeddings.parameters()):
-            raise NonFiniteLossError(
-                f"The embedding became NaN/inf at step {len(self.result.loss_history) + 1}: lower the learning rate."
-            )
-        self.result.loss_history.append(value)
-        self.result.diffusion_loss_history.append(float(diffusion.detach()))
-        self.result.reg_loss_history.append(float(reg.detach()))
-        self._last = (noisy.detach(), timesteps, pred.detach())
+            raise NonFiniteLossError(f"The {trained} became NaN/inf at step {step}: lower the learning rate.")
         return value
 
     def _preview(self) -> Optional[torch.Tensor]:
