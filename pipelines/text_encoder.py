@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+from einops import rearrange
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,7 +92,7 @@ class CLIPAttention(nn.Module):
         b, n, d = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            return rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         if want_probs:
@@ -104,7 +105,7 @@ class CLIPAttention(nn.Module):
         else:
             probs = None
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out = out.transpose(1, 2).reshape(b, n, d)
+        out = rearrange(out, "b h n d -> b n (h d)")
         return self.out_proj(out), probs
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from einops import rearrange
 import torch
 import torch.nn.functional as F
 
@@ -123,15 +124,14 @@ class ProbeAttnProcessor:
         q = attn.to_q(hidden_states)
         k = attn.to_k(context)
         v = attn.to_v(context)
-        d = k.shape[-1] // heads
-        q, k, v = (t.view(batch, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
         scores = (q @ k.transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             scores = scores + attn.prepare_attention_mask(attention_mask, context.shape[1], batch).view(batch, heads, -1, context.shape[1])
         probs = scores.softmax(dim=-1)
         if encoder_hidden_states is not None:
             self.probe.record(probs, batch)
-        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, -1, heads * d)
+        out = rearrange(probs.to(v.dtype) @ v, "b h n d -> b n (h d)")
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(b, c, h, w)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+from einops import rearrange
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,10 +79,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))
 
 
 class Mlp(nn.Module):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from einops import rearrange
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,8 +104,7 @@ def prepare(adapter: GatedSelfAttentionAdapter, patch_tokens: torch.Tensor, devi
 
 
 def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
-    b, n, c = t.shape
-    return t.view(b, n, h, c // h).transpose(1, 2)
+    return rearrange(t, "b n (h d) -> b h n d", h=h)
 
 
 def attend(y: torch.Tensor, prep: PreparedAdapter) -> torch.Tensor:
@@ -121,7 +121,7 @@ def attend(y: torch.Tensor, prep: PreparedAdapter) -> torch.Tensor:
     v = torch.cat([v, vp], dim=1)
     h = prep.num_heads
     out = F.scaled_dot_product_attention(_heads(q, h), _heads(k, h), _heads(v, h))
-    out = out.transpose(1, 2).reshape(b, -1, c)
+    out = rearrange(out, "b h n d -> b n (h d)")
     return F.linear(out, prep.w_out, prep.b_out)
 
 

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from einops import rearrange
 import torch
 import torch.nn.functional as F
 
@@ -28,8 +29,7 @@ class KVCond:
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, d = x.shape
-    return x.view(b, n, heads, d // heads).transpose(1, 2)
+    return rearrange(x, "b n (h d) -> b h n d", h=heads)
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -60,7 +60,7 @@ class AttentionProbe:
         heads = int(extra_options["n_heads"])
         self.record(q, k, heads)
         out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
-        return out.transpose(1, 2).reshape(q.shape[0], -1, q.shape[-1])
+        return rearrange(out, "b h n d -> b n (h d)")
 
     def spatial_map(self, height: int, width: int) -> torch.Tensor:
         """(B, height, width): every resolution's map resized to (height, width), averaged over resolutions.
@@ -113,7 +113,7 @@ class KVAttnProcessor:
             self.state.probe.record(q, k, attn.heads)
         h = attn.heads
         out = F.scaled_dot_product_attention(split_heads(q, h), split_heads(k, h), split_heads(v, h))
-        out = out.transpose(1, 2).reshape(q.shape[0], -1, q.shape[-1]).to(q.dtype)
+        out = rearrange(out, "b h n d -> b n (h d)").to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states
