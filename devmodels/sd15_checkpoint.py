@@ -26,7 +26,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -262,19 +262,30 @@ def read_fingerprint(path: str | Path, kind: str = METADATA_KIND) -> str | None:
     return meta.get("facebooth.fingerprint")
 
 
+def write_random_checkpoint(path: str | Path, *, kind: str, fingerprint: str, seed: int, base_model: str, note: str,
+                            state_dict: Callable[[], dict[str, torch.Tensor]], force: bool = False,
+                            format_version: str = FORMAT_VERSION) -> Path:
+    """Write a random test checkpoint (``state_dict()`` built only when needed) to ``path`` atomically, unless one
+    with the same ``kind`` and ``fingerprint`` is already there. Shared by the SD1.5 and SDXL test checkpoints."""
+    path = Path(path)
+    if not force and read_fingerprint(path, kind) == fingerprint:
+        log.info("Random %s checkpoint already present: %s", base_model, path)
+        return path
+    log.info("Writing random %s checkpoint (seed %d) to %s", base_model, seed, path)
+    metadata = {
+        "facebooth.kind": kind,
+        "facebooth.fingerprint": fingerprint,
+        "facebooth.seed": str(seed),
+        "facebooth.format_version": format_version,
+        "facebooth.base_model": base_model,
+        "facebooth.note": note,
+    }
+    return atomic_save_safetensors(state_dict(), path, metadata=metadata)
+
+
 def write_random_sd15_checkpoint(path: str | Path, cfg: TinySD15Config = TinySD15Config(), *, force: bool = False) -> Path:
     """Write the random SD1.5 checkpoint to ``path`` (atomically) unless an identical one is already there."""
-    path = Path(path)
-    if not force and read_fingerprint(path) == cfg.fingerprint():
-        log.info("Random SD1.5 checkpoint already present: %s", path)
-        return path
-    log.info("Writing random SD1.5 checkpoint (seed %d) to %s", cfg.seed, path)
-    metadata = {
-        "facebooth.kind": METADATA_KIND,
-        "facebooth.fingerprint": cfg.fingerprint(),
-        "facebooth.seed": str(cfg.seed),
-        "facebooth.format_version": FORMAT_VERSION,
-        "facebooth.base_model": "sd15",
-        "facebooth.note": "random weights for tests; produces noise, not pictures",
-    }
-    return atomic_save_safetensors(ldm_state_dict(cfg), path, metadata=metadata)
+    return write_random_checkpoint(
+        path, kind=METADATA_KIND, fingerprint=cfg.fingerprint(), seed=cfg.seed, base_model="sd15",
+        note="random weights for tests; produces noise, not pictures", state_dict=lambda: ldm_state_dict(cfg), force=force,
+    )

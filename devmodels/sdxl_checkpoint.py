@@ -32,9 +32,8 @@ from typing import Iterator
 
 import torch
 
-from ..utils.files import atomic_save_safetensors
 from ..pipelines.ldm_keys import unet_diffusers_to_ldm
-from .sd15_checkpoint import CLIP_L_TEXT_CONFIG
+from .sd15_checkpoint import CLIP_L_TEXT_CONFIG, write_random_checkpoint
 from .sd15_checkpoint import read_fingerprint as read_checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
@@ -260,18 +259,9 @@ def read_fingerprint(path: str | Path) -> str | None:
 
 
 def write_random_sdxl_checkpoint(path: str | Path, cfg: TinySDXLConfig = TinySDXLConfig(), *, force: bool = False) -> Path:
-    """Write the random SDXL-family checkpoint to ``path`` (atomically) unless an identical one is there."""
-    path = Path(path)
-    if not force and read_fingerprint(path) == cfg.fingerprint():
-        log.info("Random SDXL checkpoint already present: %s", path)
-        return path
-    log.info("Writing random SDXL-family checkpoint (seed %d, ~1.8 GB) to %s", cfg.seed, path)
-    metadata = {
-        "facebooth.kind": METADATA_KIND,
-        "facebooth.fingerprint": cfg.fingerprint(),
-        "facebooth.seed": str(cfg.seed),
-        "facebooth.format_version": FORMAT_VERSION,
-        "facebooth.base_model": "sdxl",
-        "facebooth.note": "random weights for tests (KOALA-like UNet, full CLIP-L/CLIP-G, TAESD); produces noise",
-    }
-    return atomic_save_safetensors(ldm_state_dict(cfg), path, metadata=metadata)
+    """Write the random SDXL-family checkpoint (~1.8 GB) to ``path`` (atomically) unless an identical one is there."""
+    return write_random_checkpoint(
+        path, kind=METADATA_KIND, fingerprint=cfg.fingerprint(), seed=cfg.seed, base_model="sdxl",
+        note="random weights for tests (KOALA-like UNet, full CLIP-L/CLIP-G, TAESD); produces noise",
+        state_dict=lambda: ldm_state_dict(cfg), force=force, format_version=FORMAT_VERSION,
+    )
