@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pipelines.clip_vision import clip_vision_sizes
 from ..pipelines.instantbooth import (
     AugmentConfig,
     DiffusersAdapterHooks,
@@ -145,21 +146,12 @@ class InstantBoothDataset:
 
 def clip_vision_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     """transformers CLIPVisionConfig kwargs for a ComfyUI clip_vision file, from its shapes."""
-    try:
-        hidden = int(sd["vision_model.embeddings.class_embedding"].shape[0])
-        patch = int(sd["vision_model.embeddings.patch_embedding.weight"].shape[-1])
-        tokens = int(sd["vision_model.embeddings.position_embedding.weight"].shape[0])
-        inter = int(sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0])
-        proj = int(sd["visual_projection.weight"].shape[0])
-    except KeyError as exc:
-        raise ValueError(f"Not a CLIP vision file in ComfyUI/transformers layout (no {exc.args[0]}).") from None
-    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers."))
+    sizes = clip_vision_sizes(sd)
+    hidden = sizes["hidden_size"]
     if hidden not in _KNOWN_TOWERS:
         raise ValueError(f"Unknown CLIP vision width {hidden}: pass --clip-vision-config with its heads and activation.")
     heads, act = _KNOWN_TOWERS[hidden]
-    side = round((tokens - 1) ** 0.5)
-    return {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "image_size": side * patch, "patch_size": patch, "projection_dim": proj, "hidden_act": act, "layer_norm_eps": 1e-5}
+    return {**sizes, "num_attention_heads": heads, "hidden_act": act, "layer_norm_eps": 1e-5}
 
 
 def load_clip_vision(path: str, config_json: str | None, dtype: torch.dtype, device: torch.device):

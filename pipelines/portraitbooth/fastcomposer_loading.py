@@ -32,6 +32,7 @@ from torch import nn
 
 from ...utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
 from ...utils.state_dict import StateDictMismatchError, load_strict
+from ..clip_vision import clip_vision_sizes
 from ..ldm_keys import (
     LDM_CLIP,
     LDM_UNET,
@@ -176,22 +177,11 @@ def image_encoder_config(sd: Mapping[str, torch.Tensor], num_heads: Optional[int
     from transformers import CLIPVisionConfig
 
     try:
-        hidden = int(sd["vision_model.embeddings.class_embedding"].shape[0])
-        patch = int(sd["vision_model.embeddings.patch_embedding.weight"].shape[-1])
-        positions = int(sd["vision_model.embeddings.position_embedding.weight"].shape[0])
-        inter = int(sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0])
-        proj = int(sd["visual_projection.weight"].shape[0])
-    except KeyError as exc:
-        raise FastComposerWeightsError(f"The CLIP image encoder weights lack {exc}.") from exc
-    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers."))
-    grid = round((positions - 1) ** 0.5)
-    if grid * grid != positions - 1:
-        raise FastComposerWeightsError(f"The image encoder has {positions} positions, not a square grid plus CLS.")
-    heads = num_heads or max(1, hidden // 64)
-    return CLIPVisionConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        image_size=grid * patch, patch_size=patch, projection_dim=proj, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-    )
+        sizes = clip_vision_sizes(sd)
+    except ValueError as exc:
+        raise FastComposerWeightsError(f"The image encoder: {exc}") from exc
+    heads = num_heads or max(1, sizes["hidden_size"] // 64)
+    return CLIPVisionConfig(**sizes, num_attention_heads=heads, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
 def image_encoder_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: Optional[int] = None) -> nn.Module:
