@@ -189,12 +189,12 @@ def main() -> None:
         cos = [float(np.dot(f.embedding.numpy(), t.embedding / np.linalg.norm(t.embedding))) for f, t in zip(found.faces, theirs)]
         times = {"ours": [], "insightface": []}
 
-        def a():
+        def a(image=image, times=times):  # loop values bound now (B023)
             t = time.process_time()
             ours.analyze(image, select="all", no_face="skip")
             times["ours"].append(time.process_time() - t)
 
-        def b():
+        def b(bgr=bgr, faces=faces, times=times):
             t = time.process_time()
             run_insightface(app, bgr, faces)
             times["insightface"].append(time.process_time() - t)

@@ -12,7 +12,7 @@ from ..pipelines.face.analyzer import DEFAULT_DET_SIZE, FaceAnalyzer, cosine_sim
 from ..pipelines.face.draw import debug_image, draw_faces, from_pil, pad_to_same_size
 from ..pipelines.face.identity_io import load_identity, save_identity
 from ..pipelines.face.insightface_backend import PROVIDER_CHOICES
-from ..pipelines.face.types import NO_FACE_POLICIES, Identity
+from ..pipelines.face.types import Identity
 from ..utils.files import sanitize_name
 from . import model_folders
 from .common import DEVICE_CHOICES, ModelCache, comfy_hooks, named_file_fingerprint, pick_device, placeholder_image
