@@ -15,8 +15,6 @@ With the defaults (0, 1, no mask) the identity conditioning passes through uncha
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from comfy_api.latest import io
 
@@ -39,7 +37,7 @@ def check_range(start_at: float, end_at: float) -> None:
         raise ValueError(f"end_at ({end_at}) is before start_at ({start_at}).")
 
 
-def _window(conditioning: list, lo: float, hi: float, mask: Optional[torch.Tensor]) -> list:
+def _window(conditioning: list, lo: float, hi: float, mask: torch.Tensor | None) -> list:
     """Entries clipped to [lo, hi] (their own ranges intersected), dropping empty ones; mask added if given."""
     out = []
     for cond, extra in conditioning:
@@ -57,7 +55,7 @@ def _window(conditioning: list, lo: float, hi: float, mask: Optional[torch.Tenso
 
 
 def schedule(identity: list, plain: list, start_at: float = 0.0, end_at: float = 1.0,
-             attn_mask: Optional[torch.Tensor] = None) -> list:
+             attn_mask: torch.Tensor | None = None) -> list:
     """CONDITIONING: ``identity`` within [start_at, end_at] (under ``attn_mask``), ``plain`` everywhere else."""
     check_range(start_at, end_at)
     inside = _window(identity, start_at, end_at, None)

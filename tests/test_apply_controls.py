@@ -53,9 +53,9 @@ def _keys(conditioning) -> list[tuple]:
 
 
 def test_schedule_equals_comfyui_timestep_range_and_mask_conditioning(ckpt):
-    import nodes as comfy_nodes  # ComfyUI's built-in nodes: the reference
-
     from facebooth.nodes.controls import schedule
+
+    import nodes as comfy_nodes  # ComfyUI's built-in nodes: the reference
 
     model, clip, _ = ckpt
     identity, plain, negative = _encode(clip, "a photo of a cat"), _encode(clip, "a dog on grass"), _encode(clip, "")
@@ -98,7 +98,6 @@ def _check_node_schedule(conditioning, identity, plain, mask):
 
 def test_face2diffusion_encode_controls(ckpt, tmp_path, monkeypatch):
     import folder_paths
-
     from facebooth.devmodels.face2diffusion_models import write_random_pair
     from facebooth.nodes import face2diffusion as f2d_node
     from facebooth.pipelines.face2diffusion import F2DMappingConfig, MSIDConfig
