@@ -14,6 +14,7 @@ from facebooth.runner import examples as ex
 from facebooth.runner.client import WorkflowFailedError, WorkflowRejectedError
 from facebooth.runner.server import find_free_port
 from facebooth.runner.ui_workflow import ui_to_api, strip_meta
+from helpers.declared_defaults import drop_declared_defaults
 
 BASIC = ex.API_DIR / "basic_txt2img_api.json"
 REPO = Path(__file__).resolve().parents[2]
@@ -239,7 +240,9 @@ def test_ui_twin_queues_the_same_graph(api_path, comfy_server):
     import json
 
     ui = json.loads(twin.read_text())
-    assert strip_meta(ui_to_api(ui, comfy_server.client.object_info())) == ex.expected_ui_api(api_path), (
+    info = comfy_server.client.object_info()
+    expected = ex.expected_ui_api(api_path)
+    assert drop_declared_defaults(strip_meta(ui_to_api(ui, info)), expected, info) == expected, (
         f"{twin.name} drifted from {api_path.name}: regenerate with `python -m facebooth examples --write-ui`"
     )
 
