@@ -236,3 +236,22 @@ def test_channels_last_inference_equals_nchw_and_gradients_still_flow():
     rec.embed(y).sum().backward()
     assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
     assert rec.backbone.conv1.weight.is_contiguous()  # switched to NCHW for autograd, for good
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_recognizer_loaded_in_inference_mode_still_gives_gradients(channels_last):
+    """ComfyUI runs nodes (and so loads their models) under torch.inference_mode; PersonaMagic's identity loss
+    later backpropagates through the same recognizer inside inference_mode(False)."""
+    with torch.inference_mode():
+        rec = ArcFaceRecognizer(
+            iresnet_from_state_dict(random_arcface_state_dict(18, seed=3, widths=TINY)), channels_last=channels_last
+        )
+        x = _crops(2)
+        before = rec.embed(x)
+    assert any(t.is_inference() for t in rec.backbone.state_dict().values())
+    y = x.clone().requires_grad_(True)
+    out = rec.embed(y)
+    out.sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach(), before, atol=1e-5, rtol=0)  # same weights, ordinary tensors now
+    assert not any(t.is_inference() for t in rec.backbone.state_dict().values())

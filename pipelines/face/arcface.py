@@ -261,6 +261,20 @@ class ArcFaceRecognizer:
         self.name = name or f"arcface_{backbone.config.arch}"
         self.batch_size = int(batch_size)
 
+    def _drop_inference_tensors(self) -> None:
+        """Weights made under ``torch.inference_mode`` (ComfyUI loads nodes' models there) cannot be saved for
+        backward; an identity loss backpropagates through them, so swap them once for ordinary copies."""
+        if not any(t.is_inference() for t in self.backbone.state_dict().values()):
+            return
+        with torch.inference_mode(False):
+            for module in self.backbone.modules():
+                for key, param in module._parameters.items():
+                    if param is not None and param.is_inference():
+                        module._parameters[key] = nn.Parameter(param.clone(), requires_grad=False)
+                for key, buffer in module._buffers.items():
+                    if buffer is not None and buffer.is_inference():
+                        module._buffers[key] = buffer.clone()
+
     @property
     def device(self) -> torch.device:
         """Where the backbone is now (a host may have moved it since loading)."""
@@ -288,6 +302,8 @@ class ArcFaceRecognizer:
         # Inference runs channels-last (the crops already are: (N, H, W, 3) permuted), which is faster on CPU. With
         # autograd, contiguous NCHW: backprop through the convs with channels-last crashes this torch's CPU build.
         grad = torch.is_grad_enabled() and aligned.requires_grad
+        if grad:
+            self._drop_inference_tensors()
         if grad and self.channels_last:  # backward must not see channels-last weights either: switch once, for good
             logger.info("ArcFace: gradients requested; switching the backbone to NCHW weights")
             self.backbone.to(memory_format=torch.contiguous_format)
