@@ -269,7 +269,10 @@ def test_cli_runs_basic_example_end_to_end(comfyui_dir, facebooth_cache_dir, tmp
 @pytest.mark.integration
 def test_cli_against_a_running_server(comfy_server, random_checkpoint_name, tmp_path):
     out = tmp_path / "out"
-    proc = _cli("--server", comfy_server.url, "--checkpoint", random_checkpoint_name, "--only", "basic_*", "--out", str(out))
+    # A checkpoint named on the command line counts as a real one (real settings), so ask for test sizes.
+    sizes = [arg for name in ("WIDTH=64", "HEIGHT=64", "STEPS=4") for arg in ("--set", name)]
+    proc = _cli("--server", comfy_server.url, "--checkpoint", random_checkpoint_name, *sizes, "--only", "basic_*",
+                "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "basic_txt2img_01.png").is_file() and (out / "contact_sheet.png").is_file()
 
