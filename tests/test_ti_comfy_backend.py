@@ -40,6 +40,10 @@ def backend(loaded):
         return ComfyTIBackend(model, clip, vae)
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
 def _comfy_cond(clip, text: str) -> torch.Tensor:
     with torch.inference_mode():
         return clip.encode_from_tokens(clip.tokenize(text)).float().clone()
@@ -258,7 +262,9 @@ def test_engine_steps_on_comfyui_change_only_the_embeddings(loaded, backend):
     for name, before, now in (("unet", unet_before, model.model.diffusion_model.state_dict()),
                               ("vae", vae_before, vae.first_stage_model.state_dict()),
                               ("clip", clip_before, clip.get_sd())):
-        changed = [k for k in before if not torch.equal(before[k], now[k])]
+        # Bitwise: an SD1.5 file has no text_projection, so ComfyUI leaves that weight uninitialised and it
+        # may hold NaN, which torch.equal never calls equal to itself.
+        changed = [k for k in before if not _same_bits(before[k], now[k])]
         assert not changed, f"{name} weights changed: {changed[:3]}"
     assert all(p.grad is None for p in model.model.parameters())
     assert all(not p.requires_grad for p in backend.text_encoders[0].encoder.parameters())
