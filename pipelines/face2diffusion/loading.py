@@ -7,20 +7,21 @@ Accepted files, both strict:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import torch
 
+from ...utils.config import ConfigError, MetadataConfig
 from ...utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
 from ...utils.state_dict import StateDictMismatchError, check_state_dict
 from .mapping import F2DMapping, F2DMappingConfig, mapping_config_from_state_dict
 from .msid import MSIDConfig, MSIDEncoder, msid_config_from_state_dict
 
 log = logging.getLogger(__name__)
+C = TypeVar("C", bound=MetadataConfig)
 
 METHOD = "face2diffusion"
 FORMAT_VERSION = "1"
@@ -79,34 +80,31 @@ def _load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], name: str)
     model.load_state_dict(sd, strict=True)
 
 
-def _config_from_meta(meta: dict[str, str]) -> dict:
-    raw = meta.get("config")
-    if not raw:
-        return {}
+def _stored_config(cls: type[C], meta: Optional[dict[str, str]], name: str) -> Optional[C]:
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise F2DWeightsError(f"Broken 'config' metadata in a Face2Diffusion file: {exc}") from exc
+        return cls.from_metadata(meta, source=name)
+    except ConfigError as exc:
+        raise F2DWeightsError(f"{exc} This is not a usable Face2Diffusion file.") from exc
 
 
 def msid_from_state_dict(sd: dict[str, torch.Tensor], meta: Optional[dict[str, str]] = None, name: str = "state dict") -> MSIDEncoder:
-    meta = meta or {}
-    cfg_meta = _config_from_meta(meta)
+    # The weights give every shape; only the head count and LayerNorm eps need the stored config (official files: defaults).
+    stored = _stored_config(MSIDConfig, meta, name)
     try:
-        cfg = msid_config_from_state_dict(sd, num_heads=cfg_meta.get("num_heads"))
+        cfg = msid_config_from_state_dict(sd, num_heads=stored.num_heads if stored else None)
     except (KeyError, ValueError) as exc:
         raise F2DWeightsError(f"{name} is not a usable MSID encoder file: {exc}") from exc
-    if "ln_eps" in cfg_meta:
-        cfg.ln_eps = float(cfg_meta["ln_eps"])
+    if stored is not None:
+        cfg.ln_eps = stored.ln_eps
     model = MSIDEncoder(cfg)
     _load_strict(model, sd, name)
     return model.eval()
 
 
 def mapping_from_state_dict(sd: dict[str, torch.Tensor], meta: Optional[dict[str, str]] = None, name: str = "state dict") -> F2DMapping:
-    cfg_meta = _config_from_meta(meta or {})
+    stored = _stored_config(F2DMappingConfig, meta, name)
     try:
-        cfg = mapping_config_from_state_dict(sd, dropout=float(cfg_meta.get("dropout", 0.1)))
+        cfg = mapping_config_from_state_dict(sd, dropout=stored.dropout if stored else F2DMappingConfig.dropout)
     except (KeyError, ValueError) as exc:
         raise F2DWeightsError(f"{name} is not a usable mapping-network file: {exc}") from exc
     model = F2DMapping(cfg)
@@ -134,22 +132,22 @@ def load_mapping(path: str | os.PathLike, device: torch.device | str = "cpu", dt
     return model.to(device=device, dtype=dtype)
 
 
-def _metadata(component: str, config: dict, extra: Optional[dict[str, str]]) -> dict[str, str]:
-    meta = {"method": METHOD, "component": component, "format_version": FORMAT_VERSION, "config": json.dumps(config)}
+def _metadata(component: str, config: MetadataConfig, extra: Optional[dict[str, str]]) -> dict[str, str]:
+    meta = {"method": METHOD, "component": component, "format_version": FORMAT_VERSION, **config.to_metadata()}
     meta.update({str(k): str(v) for k, v in (extra or {}).items()})
     return meta
 
 
 def save_msid(model: MSIDEncoder, path: str | os.PathLike, extra_metadata: Optional[dict[str, str]] = None) -> Path:
     """Atomic safetensors write with the official keys; metadata carries the config (heads are not in the weights)."""
-    meta = _metadata(COMPONENT_MSID, model.config.to_dict(), {"feature_dim": model.feature_dim, **(extra_metadata or {})})
+    meta = _metadata(COMPONENT_MSID, model.config, {"feature_dim": model.feature_dim, **(extra_metadata or {})})
     return atomic_save_safetensors(model.state_dict(), path, meta)
 
 
 def save_mapping(model: F2DMapping, path: str | os.PathLike, extra_metadata: Optional[dict[str, str]] = None) -> Path:
     cfg = model.config
     meta = _metadata(
-        COMPONENT_MAPPING, cfg.to_dict(), {"base_model": "sd1" if cfg.out_dim == 768 else f"text_width_{cfg.out_dim}", **(extra_metadata or {})}
+        COMPONENT_MAPPING, cfg, {"base_model": "sd1" if cfg.out_dim == 768 else f"text_width_{cfg.out_dim}", **(extra_metadata or {})}
     )
     return atomic_save_safetensors(model.state_dict(), path, meta)
 

@@ -8,15 +8,17 @@ official ``mapping.pt`` exactly (``null_exp``, ``i2t_first.layers.0.0.weight``, 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ...utils.config import MetadataConfig
+
 
 @dataclass
-class F2DMappingConfig:
+class F2DMappingConfig(MetadataConfig):
     """Defaults are the official ``IMG2TEXTwithEXP(1536, 1536, 768)``."""
 
     id_dim: int = 1536
@@ -25,9 +27,6 @@ class F2DMappingConfig:
     exp_dim: int = 64
     n_layer: int = 2
     dropout: float = 0.1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class MappingMLP(nn.Module):

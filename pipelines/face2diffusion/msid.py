@@ -9,7 +9,7 @@ Input: ArcFace-aligned 112x112 RGB crops scaled to [-1, 1] (see :func:`preproces
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from einops import rearrange
@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...utils.config import MetadataConfig
+
 
 @dataclass
-class MSIDConfig:
+class MSIDConfig(MetadataConfig):
     """Shapes of the encoder. Defaults are the official ``msid_base_patch8_112``."""
 
     img_size: int = 112
@@ -54,11 +56,6 @@ class MSIDConfig:
     def feature_dim(self) -> int:
         """Width of the concatenated identity vector (1536 for the official model)."""
         return self.embed_dim * len(self.feature_blocks)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["feature_blocks"] = list(self.feature_blocks)
-        return d
 
 
 class PatchEmbed(nn.Module):

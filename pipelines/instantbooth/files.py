@@ -26,6 +26,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ...utils.config import ConfigError
 from ...utils.files import atomic_save_safetensors, load_state_dict_file
 from .model import InstantBoothConfig, InstantBoothModel
 
@@ -51,14 +52,14 @@ def save_instantbooth(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "base_model": "sd15",
-        "config": json.dumps(model.config.to_json_dict(), sort_keys=True),
+        **model.config.to_metadata(),
         "clip_vision": f"CLIP vision with width {model.config.clip_hidden_dim} and image-embedding width {model.config.clip_global_dim}",
     }
     meta.update({str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()})
     atomic_save_safetensors(sd, path, meta)
 
 
-def _config_from_shapes(sd: Mapping[str, torch.Tensor], meta_cfg: dict) -> InstantBoothConfig:
+def _config_from_shapes(sd: Mapping[str, torch.Tensor], stored: Optional[InstantBoothConfig]) -> InstantBoothConfig:
     try:
         concept_w = sd["concept_encoder.fc.weight"]
         patch_w = sd["patch_encoder.fc.weight"]
@@ -78,17 +79,16 @@ def _config_from_shapes(sd: Mapping[str, torch.Tensor], meta_cfg: dict) -> Insta
         patch_dim=int(patch_w.shape[0]),
         adapters=adapters,
     )
-    if "num_heads" in meta_cfg:
-        cfg.num_heads = int(meta_cfg["num_heads"])
-    if meta_cfg.get("identifier"):
-        cfg.identifier = str(meta_cfg["identifier"])
-    if meta_cfg.get("class_nouns"):
-        cfg.class_nouns = tuple(str(n) for n in meta_cfg["class_nouns"])
+    if stored is None:
+        return cfg
     for name in ("clip_hidden_dim", "clip_global_dim", "text_dim", "patch_dim"):
-        if name in meta_cfg and int(meta_cfg[name]) != getattr(cfg, name):
-            raise InstantBoothFileError(f"The file's metadata says {name}={meta_cfg[name]} but its weights say {getattr(cfg, name)}.")
-    if "adapters" in meta_cfg and {k: int(v) for k, v in meta_cfg["adapters"].items()} != adapters:
+        if getattr(stored, name) != getattr(cfg, name):
+            raise InstantBoothFileError(f"The file's metadata says {name}={getattr(stored, name)} but its weights say {getattr(cfg, name)}.")
+    if stored.adapters and {k: int(v) for k, v in stored.adapters.items()} != adapters:
         raise InstantBoothFileError("The file's adapter list in the metadata does not match its weights; the file is damaged.")
+    cfg.num_heads = stored.num_heads
+    cfg.identifier = stored.identifier or cfg.identifier
+    cfg.class_nouns = stored.class_nouns or cfg.class_nouns
     return cfg
 
 
@@ -104,10 +104,10 @@ def load_instantbooth(path: str | os.PathLike) -> InstantBoothModel:
             f"{FORMAT_VERSION}. Update FaceBooth."
         )
     try:
-        meta_cfg = json.loads(meta.get("config", "{}"))
-    except json.JSONDecodeError as exc:
-        raise InstantBoothFileError(f"The config metadata is not valid JSON ({exc}).") from exc
-    cfg = _config_from_shapes(sd, meta_cfg)
+        stored = InstantBoothConfig.from_metadata(meta, source=os.path.basename(str(path)))
+    except ConfigError as exc:
+        raise InstantBoothFileError(str(exc)) from exc
+    cfg = _config_from_shapes(sd, stored)
     model = InstantBoothModel(cfg)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     if missing or unexpected:

@@ -14,12 +14,13 @@ with ``<LDM block path>`` like ``input_blocks.1.1.transformer_blocks.0`` (see ``
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
+from ...utils.config import MetadataConfig
 from .adapter import GatedSelfAttentionAdapter
 from .encoders import ConceptEncoder, PatchEncoder
 from .layout import parse_ldm_path
@@ -27,7 +28,7 @@ from .prompt import DEFAULT_IDENTIFIER, PERSON_NOUNS
 
 
 @dataclass
-class InstantBoothConfig:
+class InstantBoothConfig(MetadataConfig):
     clip_hidden_dim: int = 1024  # CLIP vision width (ViT-L/14)
     clip_global_dim: int = 768  # CLIP image-embedding width (ViT-L/14 projection)
     text_dim: int = 768  # text-encoder width (SD1.x: CLIP-L)
@@ -36,11 +37,6 @@ class InstantBoothConfig:
     identifier: str = DEFAULT_IDENTIFIER  # the word the concept token replaces ("sks", as in the paper)
     class_nouns: tuple[str, ...] = PERSON_NOUNS  # nouns the identifier is put before
     adapters: dict[str, int] = field(default_factory=dict)  # LDM block path -> block width
-
-    def to_json_dict(self) -> dict:
-        d = asdict(self)
-        d["class_nouns"] = list(self.class_nouns)
-        return d
 
 
 class InstantBoothModel(nn.Module):

@@ -20,7 +20,6 @@ optionally ``image_encoder.*``, and metadata ``method=portraitbooth``, ``compone
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from ...utils.config import ConfigError
 from ...utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
 from ...utils.state_dict import StateDictMismatchError, load_strict
 from ..clip_vision import clip_vision_sizes
@@ -230,7 +230,7 @@ def save_stea(model: STEAModel, path: str | os.PathLike, extra_metadata: Optiona
     if model.image_encoder is not None:
         tensors.update({f"image_encoder.{k}": v for k, v in model.image_encoder.state_dict().items() if not k.endswith("position_ids")})
     meta = {
-        "method": METHOD, "component": COMPONENT, "format_version": FORMAT_VERSION, "config": model.config.to_json(),
+        "method": METHOD, "component": COMPONENT, "format_version": FORMAT_VERSION, **model.config.to_metadata(),
         "base_model": "sd1" if model.config.text_dim == 768 else f"text_width_{model.config.text_dim}",
     }
     meta.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
@@ -244,16 +244,15 @@ def stea_from_state_dict(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str]
     if not fuse:
         raise FastComposerWeightsError(f"{name} has no stea.* weights; it is not a PortraitBooth STEA file.")
     try:
-        cfg_data = json.loads(meta.get("config") or "{}")
-    except json.JSONDecodeError as exc:
-        raise FastComposerWeightsError(f"{name}: broken 'config' metadata ({exc}).") from exc
+        stored = STEAConfig.from_metadata(meta, source=name)  # validates source and layers
+    except ConfigError as exc:
+        raise FastComposerWeightsError(str(exc)) from exc
     overrides: dict[str, Any] = {}
-    if cfg_data:
-        stored = STEAConfig.from_dict(cfg_data)  # validates source and layers
+    if stored is not None:
         overrides = {"feature_source": stored.feature_source, "arcface_layers": stored.arcface_layers,
                      "layer_norm_eps": stored.layer_norm_eps}
     config = config_from_fuse_state_dict(fuse, **overrides)
-    if cfg_data and (stored.text_dim, stored.feature_dim) != (config.text_dim, config.feature_dim):
+    if stored is not None and (stored.text_dim, stored.feature_dim) != (config.text_dim, config.feature_dim):
         raise FastComposerWeightsError(
             f"{name}: metadata says {stored.text_dim}+{stored.feature_dim} but the weights are "
             f"{config.text_dim}+{config.feature_dim}; the file is damaged."

@@ -28,14 +28,15 @@ for FastComposer, the value a STEA file stores under ``recommended_start_at`` in
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...utils.config import MetadataConfig
 
 FEATURE_SOURCES = ("clip_image", "arcface")
 ARCFACE_LAYERS = ("layer1", "layer2", "layer3", "layer4", "embedding")
@@ -61,7 +62,7 @@ class STEAError(ValueError):
 
 
 @dataclass
-class STEAConfig:
+class STEAConfig(MetadataConfig):
     text_dim: int = 768
     feature_dim: int = 768
     hidden_dim: int = 768
@@ -79,19 +80,6 @@ class STEAConfig:
                 raise STEAError(
                     f"STEA arcface layers must be a non-empty subset of {ARCFACE_LAYERS}, got {self.arcface_layers}."
                 )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["arcface_layers"] = list(self.arcface_layers)
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "STEAConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class FuseMLP(nn.Module):
