@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from facebooth.runner import examples as ex
+from facebooth.runner import local_setup, placeholders
 from facebooth.runner.batch.dispatcher import Settings
 from facebooth.runner.batch.jobs import matrix_jobs
 from facebooth.runner.batch.run import BatchSpec, execute
@@ -40,7 +41,7 @@ def start_servers(comfyui_dir: str, n: int, cpu: bool, cache: Path) -> tuple[lis
     servers, subs = [], {}
     for _ in range(n):
         base = Path(tempfile.mkdtemp(prefix="facebooth-bench-batch-"))
-        subs = ex.prepare_base_dir(base, comfyui_dir=comfyui_dir, cache_dir=cache).substitutions
+        subs = local_setup.prepare_base_dir(base, comfyui_dir=comfyui_dir, cache_dir=cache).substitutions
         servers.append(ComfyServer(comfyui_dir, base, cpu=cpu, startup_timeout=900, die_with_parent=True,
                                    env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
     for s in servers:  # started from the main thread, so they end with this process
@@ -52,7 +53,7 @@ def bare_loop(url: str, workflow: dict, values: dict, seeds: range) -> float:
     client = ComfyClient(url)
     t = time.perf_counter()
     for seed in seeds:
-        api = ex.substitute(workflow, {**values, "SEED": seed}, name="bench")
+        api = placeholders.substitute(workflow, {**values, "SEED": seed}, name="bench")
         pid = client.queue_prompt(api)
         entry = client.wait(pid, timeout=900)
         assert client.output_images(pid, entry), "no image"
@@ -85,7 +86,7 @@ def main() -> int:
         return 2
     logging.basicConfig(level=logging.WARNING)
     cache = Path(os.environ.get("FACEBOOTH_TEST_CACHE") or Path.home() / ".cache" / "facebooth-test")
-    workflow = ex.load_workflow(Path(getattr(ex, "API_DIR", ex.EXAMPLES_DIR)) / "basic_txt2img_api.json")
+    workflow = ex.load_workflow(Path(ex.API_DIR) / "basic_txt2img_api.json")
     servers, subs = start_servers(args.comfyui_dir, 2, args.device == "cpu", cache)
     values = {**subs, "WORKFLOW": "bench"}
     try:

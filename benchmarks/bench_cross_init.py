@@ -36,6 +36,9 @@ from facebooth.pipelines import cross_init as ci
 from facebooth.pipelines.text_encoder import CLIPTextEncoder, CLIPTextEncoderConfig, PromptTokenizer
 from facebooth.pipelines.textual_inversion import TextualInversionEngine
 from facebooth.pipelines.textual_inversion.diffusers_backend import DiffusersBackend
+from timing import clock_name, median_ratio, paired, timed, unet_fwd_bwd  # benchmarks/timing.py (on sys.path as a script)
+
+CPU_CLOCK = time.process_time  # these benchmarks may run several threads (--threads)
 
 SIZES = {
     # unet block widths, attention heads (per block), context width, text layers/heads/ffn, latent side, batch
@@ -130,25 +133,6 @@ def build_backend(size: str, device: str) -> DiffusersBackend:
     return DiffusersBackend(unet, vae, text, PromptTokenizer.from_hf(hf_tok), sched, family=family, device=device)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _timer(device: str):
-    """Time one call: wall clock on a GPU, process CPU time on a CPU (less disturbed by other jobs)."""
-    clock = time.perf_counter if device == "cuda" else time.process_time
-
-    def timed(fn) -> float:
-        _sync(device)
-        start = clock()
-        fn()
-        _sync(device)
-        return clock() - start
-
-    return timed
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -177,15 +161,7 @@ def main() -> None:
     t = torch.randint(0, 1000, (batch,), generator=gen).to(args.device)
     context = torch.randn(batch, 77, s["ctx"], generator=gen).to(args.device).requires_grad_()
 
-    def bare_unet() -> None:
-        with torch.autocast("cuda", dtype=amp) if amp else torch.autocast("cpu", enabled=False):
-            pred = backend.unet(backend.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        context.grad = None
-        loss.backward()
-        float(loss.detach())  # the engine reads its loss every step too
-
-    timed = _timer(args.device)
+    bare_unet = unet_fwd_bwd(backend.unet, backend.add_noise, latents, noise, t, context, amp)
     prompts = ci.training_prompts()[:batch]
 
     def text_only() -> None:
@@ -202,20 +178,13 @@ def main() -> None:
         bare_unet()
     unet_flops = fc.get_total_flops()
 
-    for _ in range(2):
-        engine.step()
-        bare_unet()
-    step_times, unet_times, text_times = [], [], []
-    for _ in range(args.steps):
-        step_times.append(timed(engine.step))
-        unet_times.append(timed(bare_unet))
-        text_times.append(timed(text_only))
+    step_times, unet_times = paired(engine.step, bare_unet, args.steps, args.device, cpu_clock=CPU_CLOCK, warmup=2)
+    text_times = [timed(text_only, args.device, CPU_CLOCK) for _ in range(args.steps)]
     step, unet = statistics.median(step_times), statistics.median(unet_times)
-    # Median of paired ratios: each pair ran back to back, so load drift on a shared machine cancels.
-    ratio = statistics.median(a / b for a, b in zip(step_times, unet_times))
+    ratio = median_ratio(step_times, unet_times)
     print(f"device={args.device} size={args.size} batch={batch} latents={side}x{side} context=77x{s['ctx']} "
           f"text_layers={s['text_layers']} autocast={amp} threads={torch.get_num_threads()} "
-          f"clock={'wall' if args.device == 'cuda' else 'process CPU time'}")
+          f"clock={clock_name(args.device, CPU_CLOCK)}")
     print(f"cross_init step        median {step * 1000:9.1f} ms  (min {min(step_times) * 1000:.1f})")
     print(f"bare UNet fwd+bwd      median {unet * 1000:9.1f} ms  (min {min(unet_times) * 1000:.1f})")
     print(f"text tower fwd+bwd     median {statistics.median(text_times) * 1000:9.1f} ms  "
@@ -259,17 +228,10 @@ def run_sdxl(args) -> None:
         loss.backward()
         float(loss.detach())
 
-    timed = _timer(args.device)
-    for _ in range(2):
-        engine.step()
-        bare()
-    step_times, bare_times = [], []
-    for _ in range(args.steps):
-        step_times.append(timed(engine.step))
-        bare_times.append(timed(bare))
-    ratio = statistics.median(a / b for a, b in zip(step_times, bare_times))
+    step_times, bare_times = paired(engine.step, bare, args.steps, args.device, cpu_clock=CPU_CLOCK, warmup=2)
+    ratio = median_ratio(step_times, bare_times)
     print(f"device={args.device} size={args.size} batch={batch} latents={side}x{side} towers=CLIP-L+CLIP-G (full size) "
-          f"autocast={amp} threads={torch.get_num_threads()} clock={'wall' if args.device == 'cuda' else 'process CPU time'}")
+          f"autocast={amp} threads={torch.get_num_threads()} clock={clock_name(args.device, CPU_CLOCK)}")
     print(f"cross_init SDXL step          median {statistics.median(step_times) * 1000:9.1f} ms  (min {min(step_times) * 1000:.1f})")
     print(f"bare UNet + both TE fwd+bwd   median {statistics.median(bare_times) * 1000:9.1f} ms  (min {min(bare_times) * 1000:.1f})")
     print(f"RESULT cross_init_sdxl_step_over_unet_te_fwd_bwd {ratio:.3f} target <= 1.15")

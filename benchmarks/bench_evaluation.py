@@ -26,12 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def _clock(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return time.perf_counter()
-    return time.process_time()
+from timing import paired
+from timing import timed as measure  # benchmarks/timing.py (on sys.path as a script)
 
 
 def make_run(folder: Path, n: int) -> tuple[list, Path]:
@@ -119,8 +115,7 @@ def main() -> None:
     print(f"{len(items)} images, {len(crops)} with a face, {len(sentences)} prompts; CLIP {clip.name}, "
           f"ArcFace {analyzer.recognizer_name}, device {args.device}, size {args.size}")
 
-    def bare() -> float:
-        t0 = _clock(args.device)
+    def bare() -> None:
         with torch.no_grad():
             for t in tensors:
                 analyzer.detector.detect(t)
@@ -130,26 +125,17 @@ def main() -> None:
                 clip.model.encode_image(pixels[s:s + 16].to(args.device))
             clip.model.encode_text(clip.tokenizer(sentences).to(args.device))
             clip.model.encode_image(pixels[:1].to(args.device))  # the reference's CLIP-I features
-        return _clock(args.device) - t0
 
-    def ours() -> float:
-        t0 = _clock(args.device)
+    def ours() -> None:
         rows = evaluate_items(items, protocol, clip, identity, batch_size=16)
         assert len(rows) == len(items)
-        return _clock(args.device) - t0
 
-    ours(), bare()  # warm-up
-    t_ours, t_bare = [], []
-    for _ in range(args.repeats):
-        t_ours.append(ours())
-        t_bare.append(bare())
+    t_ours, t_bare = paired(ours, bare, args.repeats, args.device, cpu_clock=time.process_time, abba=False)
     o, b = statistics.median(t_ours), statistics.median(t_bare)
 
     # --- where the rest goes: each non-network step alone on the same images
     def timed(fn) -> float:
-        t0 = _clock(args.device)
-        fn()
-        return _clock(args.device) - t0
+        return measure(fn, args.device, time.process_time)
 
     decode = timed(lambda: [Image.open(it.file).convert("RGB") for it in items])
     prep = timed(lambda: clip.pixels(pils))

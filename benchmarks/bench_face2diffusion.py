@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
+
+from timing import clock_name, paired, timed  # benchmarks/timing.py (this folder is on sys.path when run as a script)
 
 from facebooth.pipelines.face2diffusion import (  # the pack installed as `facebooth` (pip install -e .)
     F2DMapping,
@@ -35,26 +36,6 @@ EMPTY = [BOS, EOS]
 
 def _pad(ids: list[int]) -> torch.Tensor:
     return torch.tensor([ids + [EOS] * (77 - len(ids))])
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _clock(device: torch.device):
-    # On a shared CPU, wall time mostly measures other people's load; the CPU time of this (single, see
-    # --threads) thread does not. On CUDA, wall time with synchronisation.
-    return time.perf_counter if device.type == "cuda" else time.thread_time
-
-
-def _timed(fn, device: torch.device) -> float:
-    clock = _clock(device)
-    _sync(device)
-    t = clock()
-    fn()
-    _sync(device)
-    return clock() - t
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype):
@@ -103,7 +84,7 @@ def main() -> int:
     torch.set_grad_enabled(False)
     msid, mapping, text, unet, sched, latent, steps = build(args.size, device, dtype)
     steps = args.steps or steps
-    clock = "wall time" if device.type == "cuda" else "thread CPU time"
+    clock = clock_name(device)
     print(f"device={device} size={args.size} dtype={dtype} steps={steps} latent={latent}x{latent} threads={torch.get_num_threads()} clock={clock}")
 
     # --- encode: MSID + mapping for one aligned face --------------------------------------------------------
@@ -114,7 +95,7 @@ def main() -> int:
 
     for _ in range(3):
         encode()
-    enc = [_timed(encode, device) for _ in range(20)]
+    enc = [timed(encode, device) for _ in range(20)]
     encode_ms = statistics.median(enc) * 1000
     print(f"encode (MSID + mapping, 1 face): median {encode_ms:.2f} ms, min {min(enc) * 1000:.2f} ms")
 
@@ -143,24 +124,17 @@ def main() -> int:
 
     sample(True)  # warm-up both paths
     sample(False)
-    # Paired runs in ABBA order: each pair sees nearly the same machine state, so the median of the per-pair
-    # ratios is robust to load drift that would swamp a difference of a few percent.
-    t_f2d, t_text, ratios = [], [], []
-    for r in range(args.repeats):
-        order = (True, False) if r % 2 == 0 else (False, True)
-        pair = {f2d: _timed(lambda f2d=f2d: sample(f2d), device) for f2d in order}
-        t_f2d.append(pair[True])
-        t_text.append(pair[False])
-        ratios.append(pair[True] / pair[False])
+    # Paired runs in ABBA order: the median of the per-pair ratios is robust to load drift that would swamp a
+    # difference of a few percent.
+    t_f2d, t_text = paired(lambda: sample(True), lambda: sample(False), args.repeats, device, warmup=0)
+    ratios = [a / b for a, b in zip(t_f2d, t_text)]
     print(f"sampling with F2D conditioning: median {statistics.median(t_f2d) * 1000:.1f} ms, min {min(t_f2d) * 1000:.1f} ms")
     print(f"sampling with text conditioning: median {statistics.median(t_text) * 1000:.1f} ms, min {min(t_text) * 1000:.1f} ms")
     print(f"per-pair ratios: {', '.join(f'{x:.3f}' for x in ratios)}")
 
     # The only code that differs is the prompt encoding; timed on its own, many times, it bounds the overhead.
-    c_f2d, c_text = [], []
-    for _ in range(args.repeats * 4):
-        c_f2d.append(_timed(lambda: conditioning(True), device))
-        c_text.append(_timed(lambda: conditioning(False), device))
+    c_f2d, c_text = paired(lambda: conditioning(True), lambda: conditioning(False), args.repeats * 4, device,
+                           abba=False, warmup=0)
     d_cond = statistics.median(c_f2d) - statistics.median(c_text)
     print(f"prompt encoding: F2D {statistics.median(c_f2d) * 1000:.2f} ms vs text {statistics.median(c_text) * 1000:.2f} ms "
           f"(difference {d_cond * 1000:+.2f} ms = {d_cond / statistics.median(t_text) * 100:+.2f}% of a text-conditioned run)")

@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
+
+from timing import clock_name, paired  # benchmarks/timing.py (this folder is on sys.path when run as a script)
 
 from facebooth.pipelines.instantbooth import (  # the pack installed as `facebooth` (pip install -e .)
     DiffusersAdapterHooks,
@@ -30,20 +31,6 @@ from facebooth.pipelines.instantbooth import (  # the pack installed as `faceboo
 )
 
 TOKENS_PER_REFERENCE = 257  # ViT-L/14 at 224 px
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: torch.device) -> float:
-    clock = time.perf_counter if device.type == "cuda" else time.thread_time
-    _sync(device)
-    t = clock()
-    fn()
-    _sync(device)
-    return clock() - t
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype):
@@ -83,7 +70,7 @@ def main() -> int:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     unet, ib, sched, latent, steps = build(args.size, device, dtype)
     steps = args.steps or steps
-    clock = "wall time" if device.type == "cuda" else "thread CPU time"
+    clock = clock_name(device)
     print(f"device={device} size={args.size} dtype={dtype} steps={steps} latent={latent}x{latent} refs={args.refs} "
           f"adapters={len(ib.config.adapters)} threads={torch.get_num_threads()} clock={clock}")
 
@@ -105,13 +92,8 @@ def main() -> int:
 
     with_ad, without = sample(True), sample(False)  # warm-up both paths
     print(f"adapters change the result: max |diff| = {(with_ad - without).abs().max().item():.4f}")
-    t_on, t_off, ratios = [], [], []
-    for r in range(args.repeats):
-        order = (True, False) if r % 2 == 0 else (False, True)
-        pair = {on: _timed(lambda on=on: sample(on), device) for on in order}
-        t_on.append(pair[True])
-        t_off.append(pair[False])
-        ratios.append(pair[True] / pair[False])
+    t_on, t_off = paired(lambda: sample(True), lambda: sample(False), args.repeats, device, warmup=0)
+    ratios = [a / b for a, b in zip(t_on, t_off)]
     print(f"sampling with adapters:    median {statistics.median(t_on) * 1000:.1f} ms, min {min(t_on) * 1000:.1f} ms")
     print(f"sampling without adapters: median {statistics.median(t_off) * 1000:.1f} ms, min {min(t_off) * 1000:.1f} ms")
     print(f"per-pair ratios: {', '.join(f'{x:.3f}' for x in ratios)}")

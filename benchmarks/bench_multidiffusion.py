@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
+
+from timing import clock_name, paired, timed  # benchmarks/timing.py (this folder is on sys.path when run as a script)
 
 from facebooth.pipelines.multidiffusion import (  # the pack installed as `facebooth` (pip install -e .)
     COND,
@@ -34,20 +35,6 @@ from facebooth.pipelines.multidiffusion import (  # the pack installed as `faceb
     RegionPrompt,
     eps_noise_scaling,
 )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: torch.device) -> float:
-    clock = time.perf_counter if device.type == "cuda" else time.thread_time
-    _sync(device)
-    t = clock()
-    fn()
-    _sync(device)
-    return clock() - t
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype):
@@ -93,7 +80,7 @@ def main() -> int:
     steps = args.steps or steps
     h, w = window, args.canvas or window
     sigmas = karras_sigmas(steps).to(device)
-    clock = "wall time" if device.type == "cuda" else "thread CPU time"
+    clock = clock_name(device)
     print(f"device={device} size={args.size} dtype={dtype} steps={steps} canvas={h}x{w} latents window={window} "
           f"threads={torch.get_num_threads()} clock={clock}")
 
@@ -138,16 +125,11 @@ def main() -> int:
     one, two, two_seq = md_for(1), md_for(2), md_for(2, max_batch=1)
     for m in (None, one, two):  # warm-up
         sample(m)
-    t_one, t_two, ratios = [], [], []
-    for r in range(args.repeats):
-        order = (1, 2) if r % 2 == 0 else (2, 1)
-        pair = {n: _timed(lambda n=n: sample(one if n == 1 else two), device) for n in order}
-        t_one.append(pair[1])
-        t_two.append(pair[2])
-        ratios.append(pair[2] / pair[1])
+    t_one, t_two = paired(lambda: sample(one), lambda: sample(two), args.repeats, device, warmup=0)
+    ratios = [b / a for a, b in zip(t_one, t_two)]
     calls_one, calls_two = one.calls, two.calls
-    t_plain = statistics.median(_timed(lambda: sample(None), device) for _ in range(max(2, args.repeats // 2)))
-    t_seq = statistics.median(_timed(lambda: sample(two_seq), device) for _ in range(max(2, args.repeats // 2)))
+    t_plain = statistics.median(timed(lambda: sample(None), device) for _ in range(max(2, args.repeats // 2)))
+    t_seq = statistics.median(timed(lambda: sample(two_seq), device) for _ in range(max(2, args.repeats // 2)))
     runs = 1 + args.repeats  # warm-up + one run per pair
     print(f"plain text sampling:           median {t_plain * 1000:.0f} ms")
     print(f"one subject  (MultiDiffusion): median {statistics.median(t_one) * 1000:.0f} ms, "

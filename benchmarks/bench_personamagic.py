@@ -23,10 +23,7 @@ mapper at every visited integer timestep is printed per bin count.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +34,9 @@ from facebooth.pipelines.personamagic.mapper import PersonaMagicMapper
 from facebooth.pipelines.personamagic.stages import PRESETS
 from facebooth.pipelines.personamagic.train import FaceGuidance, PersonaMagicRun, PersonaMagicSettings
 
-_spec = importlib.util.spec_from_file_location("bench_cross_init", Path(__file__).with_name("bench_cross_init.py"))
-bench_ci = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_ci)
+import bench_cross_init as bench_ci  # this folder is on sys.path when run as a script
+from timing import clock_name, median_ratio, paired, unet_fwd_bwd
+
 
 IMAGE_DIM = 768  # ComfyUI's smallest CLIP vision (ViT-L/14) projection
 
@@ -109,39 +106,17 @@ def main() -> None:
     t = torch.randint(400, 800, (batch,), generator=gen).to(args.device)
     context = torch.randn(batch, 77, s["ctx"], generator=gen).to(args.device).requires_grad_()
 
-    def bare_unet() -> None:
-        with torch.autocast("cuda", dtype=amp) if amp else torch.autocast("cpu", enabled=False):
-            pred = backend.unet(backend.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        context.grad = None
-        loss.backward()
-        float(loss.detach())
-
-    clock = time.perf_counter if args.device == "cuda" else time.process_time
-
-    def timed(fn) -> float:
-        bench_ci._sync(args.device)
-        start = clock()
-        fn()
-        bench_ci._sync(args.device)
-        return clock() - start
+    bare_unet = unet_fwd_bwd(backend.unet, backend.add_noise, latents, noise, t, context, amp)
 
     def pair(step_fn, n: int) -> tuple[list[float], list[float]]:
-        for _ in range(2):
-            step_fn()
-            bare_unet()
-        a, b = [], []
-        for _ in range(n):
-            a.append(timed(step_fn))
-            b.append(timed(bare_unet))
-        return a, b
+        return paired(step_fn, bare_unet, n, args.device, cpu_clock=bench_ci.CPU_CLOCK, warmup=2)
 
     step_times, unet_times = pair(engine.step, args.steps)
-    ratio = statistics.median(x / y for x, y in zip(step_times, unet_times))
+    ratio = median_ratio(step_times, unet_times)
     step, unet = statistics.median(step_times), statistics.median(unet_times)
     print(f"device={args.device} size={args.size} batch={batch} latents={side}x{side} context=77x{s['ctx']} "
           f"text_layers={s['text_layers']} autocast={amp} threads={torch.get_num_threads()} "
-          f"clock={'wall' if args.device == 'cuda' else 'process CPU time'} supercategory={supercategory!r}")
+          f"clock={clock_name(args.device, bench_ci.CPU_CLOCK)} supercategory={supercategory!r}")
     print(f"personamagic iteration  median {step * 1000:9.1f} ms  (min {min(step_times) * 1000:.1f})")
     print(f"bare UNet fwd+bwd       median {unet * 1000:9.1f} ms  (min {min(unet_times) * 1000:.1f})")
     print(f"ratio of medians {step / unet:.3f}, median of paired ratios {ratio:.3f}")
@@ -149,7 +124,7 @@ def main() -> None:
     if args.identity:
         id_run = make_run(identity=True)
         id_times, id_unet = pair(id_run.engine.step, max(3, args.steps // 2))
-        id_ratio = statistics.median(x / y for x, y in zip(id_times, id_unet))
+        id_ratio = median_ratio(id_times, id_unet)
         print(f"with identity loss      median {statistics.median(id_times) * 1000:9.1f} ms, paired ratio {id_ratio:.3f}")
 
     # ---------------------------------------------------------------- quantisation error of the apply schedule

@@ -1,0 +1,83 @@
+"""Timing shared by the benchmarks: one clock rule, one paired measurement, one ratio.
+
+On a GPU the clock is wall time after synchronising. On a CPU it is CPU time (of this thread for the
+single-threaded benchmarks, of the process where several threads work), which other jobs on a shared machine
+disturb far less than wall time. Two variants are always timed side by side, in pairs, so load drift cancels.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Clock = Callable[[], float]
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def clock_for(device: torch.device | str, cpu_clock: Clock = time.thread_time) -> Clock:
+    return time.perf_counter if torch.device(device).type == "cuda" else cpu_clock
+
+
+def clock_name(device: torch.device | str, cpu_clock: Clock = time.thread_time) -> str:
+    if torch.device(device).type == "cuda":
+        return "wall time"
+    return "process CPU time" if cpu_clock is time.process_time else "thread CPU time"
+
+
+def timed(fn: Callable[[], object], device: torch.device | str, cpu_clock: Clock = time.thread_time) -> float:
+    """Seconds one call of ``fn`` takes, by the clock above."""
+    clock = clock_for(device, cpu_clock)
+    sync(device)
+    start = clock()
+    fn()
+    sync(device)
+    return clock() - start
+
+
+def paired(a: Callable[[], object], b: Callable[[], object], repeats: int, device: torch.device | str, *,
+           cpu_clock: Clock = time.thread_time, abba: bool = True, warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Times of ``a`` and ``b``, one pair per repeat, back to back.
+
+    ``abba`` alternates which goes first, so a drift in load or clocks favours neither.
+    """
+    for _ in range(warmup):
+        a()
+        b()
+    times_a, times_b = [], []
+    for r in range(repeats):
+        first_a = not abba or r % 2 == 0
+        if first_a:
+            times_a.append(timed(a, device, cpu_clock))
+            times_b.append(timed(b, device, cpu_clock))
+        else:
+            times_b.append(timed(b, device, cpu_clock))
+            times_a.append(timed(a, device, cpu_clock))
+    return times_a, times_b
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median of the per-pair ratios: each pair saw nearly the same machine state."""
+    return statistics.median(x / y for x, y in zip(numerators, denominators, strict=True))
+
+
+def unet_fwd_bwd(unet, add_noise: Callable, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                 context: torch.Tensor, amp: torch.dtype | None) -> Callable[[], None]:
+    """A bare denoising-loss forward and backward through a diffusers UNet into ``context``: the cost any
+    textual-inversion step has to pay, the denominator of the training benchmarks."""
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=amp) if amp else torch.autocast("cpu", enabled=False):
+            pred = unet(add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        context.grad = None
+        loss.backward()
+        float(loss.detach())  # the engines read their loss every step too
+
+    return step
