@@ -133,6 +133,19 @@ def build_backend(size: str, device: str) -> DiffusersBackend:
     return DiffusersBackend(unet, vae, text, PromptTokenizer.from_hf(hf_tok), sched, family=family, device=device)
 
 
+def run_and_batch(backend, size: dict, settings, device: str):
+    """The Cross Initialization run under test, and one batch of its shape for the baseline: latents, noise and
+    timesteps (the generator is returned for more draws)."""
+    batch, side = size["batch"], size["latent"]
+    images = torch.rand(1, side * 2, side * 2, 3)  # the stand-in VAEs halve the resolution: latents side x side
+    job = ci.CrossInitRun(backend, images, settings)
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(batch, 4, side, side, generator=gen).to(device)
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    return job, gen, (latents, noise, t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -148,17 +161,9 @@ def main() -> None:
         return run_sdxl(args)
     backend = build_backend(args.size, args.device)
     batch, side = s["batch"], s["latent"]
-    # The VAE above halves the resolution; choose pixels so the latents are side x side.
-    images = torch.rand(1, side * 2, side * 2, 3)
-    settings = ci.make_settings("full", resolution=side * 2)
-    job = ci.CrossInitRun(backend, images, settings)
+    job, gen, (latents, noise, t) = run_and_batch(backend, s, ci.make_settings("full", resolution=side * 2), args.device)
     engine: TextualInversionEngine = job.engine
     amp = engine._amp_dtype
-
-    gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(batch, 4, side, side, generator=gen).to(args.device)
-    noise = torch.randn(latents.shape, generator=gen).to(args.device)
-    t = torch.randint(0, 1000, (batch,), generator=gen).to(args.device)
     context = torch.randn(batch, 77, s["ctx"], generator=gen).to(args.device).requires_grad_()
 
     bare_unet = unet_fwd_bwd(backend.unet, backend.add_noise, latents, noise, t, context, amp)
@@ -200,15 +205,9 @@ def run_sdxl(args) -> None:
     s = SIZES[args.size]
     backend = build_sdxl_backend(args.size, args.device)
     batch, side = s["batch"], s["latent"]
-    images = torch.rand(1, side * 2, side * 2, 3)  # the stand-in VAE halves the resolution
-    job = ci.CrossInitRun(backend, images, replace_settings(side * 2, batch))
+    job, _, (latents, noise, t) = run_and_batch(backend, s, replace_settings(side * 2, batch), args.device)
     engine: TextualInversionEngine = job.engine
     amp = engine._amp_dtype
-
-    gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(batch, 4, side, side, generator=gen).to(args.device)
-    noise = torch.randn(latents.shape, generator=gen).to(args.device)
-    t = torch.randint(0, 1000, (batch,), generator=gen).to(args.device)
     prompts = ci.training_prompts()[:batch]
     towers = {tw.key: tw for tw in backend.text_encoders}
     tokens = {k: batch_tokenize_with_slots(tw.tokenizer, prompts, ci.PLACEHOLDERS, device=args.device) for k, tw in towers.items()}

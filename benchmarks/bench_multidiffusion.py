@@ -18,13 +18,12 @@ two subjects <= 2x one subject. On CPU only ratios count (thread CPU time, --thr
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
 import torch
 
-from timing import clock_name, paired, timed  # benchmarks/timing.py (this folder is on sys.path when run as a script)
+from timing import clock_name, device_and_dtype, paired, sampling_args, timed  # benchmarks/timing.py (this folder is on sys.path when run as a script)
 
 from facebooth.pipelines.multidiffusion import (  # the pack installed as `facebooth` (pip install -e .)
     COND,
@@ -64,18 +63,10 @@ def karras_sigmas(n: int, sigma_min: float = 0.03, sigma_max: float = 14.6, rho:
 
 @torch.inference_mode()
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--size", default="small", choices=["small", "sd15", "sd21"])
+    ap = sampling_args(__doc__.split("\n\n")[0], ["small", "sd15", "sd21"], 6, "two/one-subject")
     ap.add_argument("--canvas", type=int, default=None, help="canvas width in latents (default: the window, one view)")
-    ap.add_argument("--repeats", type=int, default=6, help="paired two/one-subject runs (ABBA order)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: CPU-time measurement is exact)")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    device, dtype = device_and_dtype(args)
     unet, window, steps, ctx_dim = build(args.size, device, dtype)
     steps = args.steps or steps
     h, w = window, args.canvas or window

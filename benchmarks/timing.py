@@ -6,6 +6,7 @@ disturb far less than wall time. Two variants are always timed side by side, in 
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -81,3 +82,32 @@ def unet_fwd_bwd(unet, add_noise: Callable, latents: torch.Tensor, noise: torch.
         float(loss.detach())  # the engines read their loss every step too
 
     return step
+
+
+def sampling_args(description: str, sizes: list[str], repeats: int, what: str) -> argparse.ArgumentParser:
+    """The options every paired sampling benchmark takes."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--size", default="small", choices=sizes)
+    ap.add_argument("--repeats", type=int, default=repeats, help=f"paired {what} runs (ABBA order)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: CPU-time measurement is exact)")
+    return ap
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """fp16 on a GPU as users run it, fp32 on a CPU, whose thread count follows --threads."""
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    return device, (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def report_pair(label_a: str, times_a: list[float], label_b: str, times_b: list[float]) -> float:
+    """Print both medians and the per-pair ratios a/b; return their median."""
+    width = max(len(label_a), len(label_b))
+    for label, times in ((label_a, times_a), (label_b, times_b)):
+        print(f"{label + ':':{width + 1}s} median {statistics.median(times) * 1000:.1f} ms, min {min(times) * 1000:.1f} ms")
+    ratios = [a / b for a, b in zip(times_a, times_b, strict=True)]
+    print(f"per-pair ratios: {', '.join(f'{x:.3f}' for x in ratios)}")
+    return statistics.median(ratios)
