@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 
 from ..runner import examples as ex
+from ..runner.local_setup import MissingModelError, prepare_base_dir
+from ..runner.substitutions import TEST_SIZE_VALUES
 from .examples import (  # one --set / --device rule for both commands
     _parse_sets as parse_sets,
 )
@@ -82,7 +84,7 @@ def resolve_workflow(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_file():
         return path
-    folders = [getattr(ex, "API_DIR", ex.EXAMPLES_DIR), ex.EXAMPLES_DIR]
+    folders = [ex.API_DIR, ex.EXAMPLES_DIR]
     for folder in folders:
         candidate = Path(folder) / f"{spec}{ex.API_SUFFIX}"
         if candidate.is_file():
@@ -200,7 +202,7 @@ def _run_servers(args, spec, sets: dict) -> int:
     from ..runner.batch.servers import ComfyBackend, HttpTransport
 
     _base_values(spec, {"CHECKPOINT": args.checkpoint or DEFAULT_CHECKPOINT_NAME,
-                        **(ex.TEST_SIZE_VALUES if args.checkpoint is None and hasattr(ex, "TEST_SIZE_VALUES") else {})},
+                        **(TEST_SIZE_VALUES if args.checkpoint is None else {})},
                  sets)
     backends = [ComfyBackend(HttpTransport(url), args.inflight) for url in args.server]
     outcome = _execute(args, spec, backends)
@@ -224,8 +226,8 @@ def _run_embedded(args, spec, sets: dict) -> int:
     base = Path(tempfile.mkdtemp(prefix="facebooth-batch-"))
     try:
         try:
-            setup = ex.prepare_base_dir(base, checkpoint=args.checkpoint, comfyui_dir=comfyui_dir)
-        except (ex.MissingModelError, FileNotFoundError) as exc:
+            setup = prepare_base_dir(base, checkpoint=args.checkpoint, comfyui_dir=comfyui_dir)
+        except (MissingModelError, FileNotFoundError) as exc:
             log.error("%s", exc)
             return EXIT_SETUP
         _base_values(spec, setup.substitutions, sets)

@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runner import examples as ex
+from ..runner.local_setup import MissingModelError, prepare_base_dir
+from ..runner.placeholders import PlaceholderError
+from ..runner.run import check_checkpoint_available, run_workflow, to_pil, upload_faces
+from ..runner.substitutions import TEST_SIZE_VALUES
 from ..runner.client import (
     ComfyClient,
     ComfyUnreachableError,
@@ -134,7 +138,7 @@ def _want_cpu(device: str) -> bool:
 
 def _save_outputs(result: Result, outputs, out_dir: Path) -> list[tuple[str, "object"]]:
     tiles = []
-    images = ex.to_pil(outputs)
+    images = to_pil(outputs)
     for k, (out, image) in enumerate(zip(outputs, images), start=1):
         suffix = Path(out.filename).suffix or ".png"
         path = out_dir / f"{result.name}_{k:02d}{suffix}"
@@ -155,13 +159,13 @@ def _run_all(client: ComfyClient, workflows: list[Path], subs: dict, args) -> li
         start = time.monotonic()
         try:
             values = dict(subs, WORKFLOW=result.name, **_parse_sets(args.set))
-            outputs = ex.run_workflow(client, path, values, timeout=args.timeout,
+            outputs = run_workflow(client, path, values, timeout=args.timeout,
                                       on_progress=ProgressLog(result.name, index, len(workflows)))
             tiles += _save_outputs(result, outputs, args.out)
             result.ok = True
             if not outputs:
                 result.ok, result.error = False, "finished but produced no images (no SaveImage/PreviewImage output?)"
-        except (WorkflowRejectedError, WorkflowFailedError, ex.PlaceholderError, ValueError, TimeoutError) as exc:
+        except (WorkflowRejectedError, WorkflowFailedError, PlaceholderError, ValueError, TimeoutError) as exc:
             result.error = str(exc)
         except ComfyUnreachableError as exc:
             result.error = f"{exc} (did ComfyUI crash? see its log)"
@@ -232,18 +236,18 @@ def _run_on_server(args, workflows: list[Path]) -> int:
         client.system_stats()
         checkpoint = args.checkpoint or DEFAULT_CHECKPOINT_NAME
         try:
-            ex.check_checkpoint_available(client, checkpoint)
-        except ex.MissingModelError as exc:
+            check_checkpoint_available(client, checkpoint)
+        except MissingModelError as exc:
             if Path(checkpoint).expanduser().is_file():
-                raise ex.MissingModelError(
+                raise MissingModelError(
                     f"{exc} With --server, --checkpoint is a name that server lists, not a local path; "
                     "copy the file into its models/checkpoints or use --comfyui-dir instead."
                 ) from exc
             raise
-        subs = {"CHECKPOINT": checkpoint, "SEED": args.seed, **ex.upload_faces(client, args.face, args.seed)}
+        subs = {"CHECKPOINT": checkpoint, "SEED": args.seed, **upload_faces(client, args.face, args.seed)}
         if not args.checkpoint:  # the random test checkpoint: test sizes, not the workflows' real settings
-            subs.update(ex.TEST_SIZE_VALUES)
-    except (ComfyUnreachableError, ex.MissingModelError, FileNotFoundError) as exc:
+            subs.update(TEST_SIZE_VALUES)
+    except (ComfyUnreachableError, MissingModelError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return EXIT_SETUP
     if args.write_ui:
@@ -278,8 +282,8 @@ def _run_local(args, workflows: list[Path]) -> int:
         try:
             if args.checkpoint is None:
                 log.info("Preparing the random SD1.5 checkpoint and face models (generated once, then cached)")
-            setup = ex.prepare_base_dir(base, checkpoint=args.checkpoint, comfyui_dir=comfyui_dir)
-        except (ex.MissingModelError, FileNotFoundError) as exc:
+            setup = prepare_base_dir(base, checkpoint=args.checkpoint, comfyui_dir=comfyui_dir)
+        except (MissingModelError, FileNotFoundError) as exc:
             log.error("%s", exc)
             return EXIT_SETUP
         server = ComfyServer(comfyui_dir, base, cpu=_want_cpu(args.device), python=args.python)
@@ -294,7 +298,7 @@ def _run_local(args, workflows: list[Path]) -> int:
                 log.warning("ComfyUI reported a FaceBooth import problem: %s", problem)
             client = server.client
             try:
-                subs = {**setup.substitutions, "SEED": args.seed, **ex.upload_faces(client, args.face, args.seed)}
+                subs = {**setup.substitutions, "SEED": args.seed, **upload_faces(client, args.face, args.seed)}
             except FileNotFoundError as exc:
                 log.error("%s", exc)
                 return EXIT_SETUP

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 
 from facebooth.devmodels.face_models import write_random_arcface
-from facebooth.runner import examples as ex
+from facebooth.runner import drawn_face
 from facebooth.runner.batch import report
 from facebooth.runner.batch.jobs import Job
 from facebooth.runner.batch.journal import Journal
@@ -21,11 +21,11 @@ def test_score_journal_puts_id_similarity_per_image_into_journal_and_manifest(tm
     write_random_arcface(models / "facebooth" / "face" / "arcface_tiny.safetensors", widths=(8, 16, 16, 32))
     faces = tmp_path / "faces"
     faces.mkdir()
-    ex.synthetic_face(0, size=112).save(faces / "anna.png")
+    drawn_face.synthetic_face(0, size=112).save(faces / "anna.png")
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
-    ex.synthetic_face(0, size=112).save(out / "images" / "same.png")
-    ex.synthetic_face(5, size=112).save(out / "images" / "other.png")
+    drawn_face.synthetic_face(0, size=112).save(out / "images" / "same.png")
+    drawn_face.synthetic_face(5, size=112).save(out / "images" / "other.png")
 
     journal = Journal(out)
     job = Job(0, {"FACE_IMAGE": str(faces / "anna.png"), "SEED": 0})

@@ -12,6 +12,7 @@ import json
 import pytest
 
 from facebooth.runner import examples as ex
+from facebooth.runner import placeholders, substitutions, ui_twins
 from facebooth.runner.ui_workflow import api_to_ui, node_rects, overlaps, strip_meta, ui_to_api
 
 OBJECT_INFO = {
@@ -143,7 +144,7 @@ def test_strip_meta():
 def test_only_ui_workflows_at_the_top_level_each_with_a_thumbnail():
     """ComfyUI's template browser lists every *.json directly in example_workflows/: those must be UI files."""
     top = sorted(p for p in ex.EXAMPLES_DIR.glob("*.json"))
-    expected = sorted(ex.ui_twin_path(p) for p in ex.list_workflows())
+    expected = sorted(ui_twins.ui_twin_path(p) for p in ex.list_workflows())
     assert top == expected, "regenerate: python -m facebooth examples --write-ui --no-run"
     for path in top:
         data = json.loads(path.read_text())
@@ -159,7 +160,7 @@ TEST_SIZES = {"WIDTH": 64, "HEIGHT": 64, "STEPS": 4, "TRAIN_STEPS": 4, "TRAIN_RE
 @pytest.mark.parametrize("api_path", ex.list_workflows(), ids=ex.workflow_name)
 def test_shipped_settings_are_real_and_test_sizes_come_from_placeholders(api_path):
     api = ex.load_workflow(api_path)
-    editor = ex.substitute(api, ex.editor_values(api, "x"))
+    editor = placeholders.substitute(api, ui_twins.editor_values(api, "x"))
     for nid, node in editor.items():
         ins = node["inputs"]
         if node["class_type"] == "EmptyLatentImage":
@@ -172,14 +173,14 @@ def test_shipped_settings_are_real_and_test_sizes_come_from_placeholders(api_pat
         if node["class_type"] == "FaceBoothDetectFaces" and ex.workflow_name(api_path) != "face_aligned_insightface":
             assert ins["mode"] == "detect", nid
     # The runner's test values reach the same inputs (so CI runs stay small).
-    small = ex.substitute(api, {**ex.editor_values(api, "x"), **ex.TEST_SIZE_VALUES})
+    small = placeholders.substitute(api, {**ui_twins.editor_values(api, "x"), **substitutions.TEST_SIZE_VALUES})
     for node in small.values():
         if node["class_type"] == "EmptyLatentImage":
             assert node["inputs"]["height"] == 64
         if node["class_type"] == "KSampler":
             assert node["inputs"]["steps"] == 4
-    names = ex.find_placeholders(api)
-    defaults = ex.placeholder_defaults(api)
+    names = placeholders.find_placeholders(api)
+    defaults = placeholders.placeholder_defaults(api)
     if any(n["class_type"] == "KSampler" for n in api.values()):
         assert {"PROMPT", "SEED"} <= set(defaults), "examples take $PROMPT and $SEED with their own defaults"
     if "FACE_IMAGE" in names:

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import examples as ex
+from ..placeholders import find_placeholders
 from .jobs import Job, fill, split_key
 
-# A whole-value placeholder: "$NAME" or "${NAME}" / "${NAME:-default}" (see runner/examples.py).
+# A whole-value placeholder: "$NAME" or "${NAME}" / "${NAME:-default}" (see runner/placeholders.py).
 _WHOLE = re.compile(r"^\$(?:([A-Z][A-Z0-9_]*)|\{([A-Z][A-Z0-9_]*)(?::-[^}]*)?\})$")
 
 
@@ -176,7 +176,7 @@ def check_jobs(workflow: Mapping, jobs: list[Job], object_info: Mapping, base_va
         if node.get("class_type") not in object_info:
             problems.add(f"missing node type: node {node_id} is {node.get('class_type')!r}, which the server does not "
                          "have (install the custom node pack that provides it, or check the pack's import errors)")
-    placeholders = ex.find_placeholders(workflow)
+    placeholders = find_placeholders(workflow)
     for job in jobs:
         for key in job.values:
             node, inp = split_key(key)
@@ -184,7 +184,7 @@ def check_jobs(workflow: Mapping, jobs: list[Job], object_info: Mapping, base_va
                 problems.add(f"unused column: {key!r} matches no placeholder of {name}", job.position)
             elif inp is not None and node not in workflow:
                 problems.add(f"unknown node: column {key!r} names node {node!r}, which {name} does not have", job.position)
-        missing = sorted(ex.find_placeholders(workflow, required_only=True) - set(base_values) - {k for k in job.values if split_key(k)[1] is None})
+        missing = sorted(find_placeholders(workflow, required_only=True) - set(base_values) - {k for k in job.values if split_key(k)[1] is None})
         for m in missing:
             problems.add(f"unfilled placeholder: ${m} (give it a column, --set {m}=VALUE, or a matrix option)",
                          job.position)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import examples as ex
+from ..placeholders import PlaceholderError
 from ..client import WorkflowFailedError, WorkflowRejectedError
 from . import outputs
 from .checks import (
@@ -156,7 +156,7 @@ class Dispatcher:
             self._queue.appendleft(row.key)
             await self._notify()
             return
-        except (ex.PlaceholderError, KeyError, ValueError, OSError, RuntimeError) as exc:
+        except (PlaceholderError, KeyError, ValueError, OSError, RuntimeError) as exc:
             self._fail(backend, row.key, f"could not prepare the prompt: {exc}")
             return
         if self._stopping:
@@ -264,7 +264,7 @@ class Dispatcher:
             except ServerLost:
                 self.journal.mark_pending(row.key, refund_attempt=True, note=f"server {row.server} does not answer")
                 continue
-            except (ex.PlaceholderError, KeyError, ValueError, OSError) as exc:
+            except (PlaceholderError, KeyError, ValueError, OSError) as exc:
                 self._fail(backend, row.key, f"could not prepare the prompt: {exc}")
                 continue
             log.info("Resuming %s: %s on %s", row.name, "collecting" if kind == "finished" else "following", backend.name)

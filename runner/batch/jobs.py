@@ -1,7 +1,7 @@
 """The job spec: one API workflow, and jobs whose values fill it.
 
 A job is a mapping of *keys* to values. A key is either a placeholder name (``PROMPT`` or ``$PROMPT`` in a table
-header; see ``runner/examples.py`` for the placeholder syntax) or ``<node id>.<input name>`` (``3.steps``), which
+header; see ``runner/placeholders.py`` for the placeholder syntax) or ``<node id>.<input name>`` (``3.steps``), which
 sets that input of that node after the placeholders are filled. Jobs come from a table (CSV or JSONL, one job
 per row) or from a matrix of faces x prompts x seeds.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import examples as ex
+from ..placeholders import substitute
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Table columns that label a job instead of filling the workflow.
@@ -214,7 +214,7 @@ def fill(workflow: Mapping, base_values: Mapping[str, Any], job_values: Mapping[
             values[node] = value
         else:
             node_inputs[(node, inp)] = value
-    api = ex.substitute(workflow, values, name=name)
+    api = substitute(workflow, values, name=name)
     for (node, inp), value in node_inputs.items():
         if node not in api:
             raise KeyError(f"{name}: the job sets {node}.{inp} but the workflow has no node {node!r}")

@@ -50,12 +50,12 @@ class ComfyActor:
 
     def __init__(self, comfyui_dir: str | None, checkpoint: str | None, cpu: bool, cache_dir: str | None,
                  startup_timeout: float = 600.0):
-        from .. import examples as ex
+        from ..local_setup import prepare_base_dir
         from ..server import ComfyServer, check_comfyui_dir
 
         comfyui = check_comfyui_dir(comfyui_dir or os.environ.get("COMFYUI_DIR"))
         base = tempfile.mkdtemp(prefix="facebooth-ray-")
-        setup = ex.prepare_base_dir(base, checkpoint=checkpoint, comfyui_dir=comfyui, cache_dir=cache_dir)
+        setup = prepare_base_dir(base, checkpoint=checkpoint, comfyui_dir=comfyui, cache_dir=cache_dir)
         self.substitutions = setup.substitutions
         self.server = ComfyServer(comfyui, base, cpu=cpu, die_with_parent=True, startup_timeout=startup_timeout)
         # PR_SET_PDEATHSIG follows the thread that started the child: start ComfyUI from a thread that lives as

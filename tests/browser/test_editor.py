@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from facebooth.runner import examples as ex
+from facebooth.runner import ui_twins
 from facebooth.runner.ui_workflow import overlaps
 from helpers.declared_defaults import drop_declared_defaults
 
@@ -85,7 +86,7 @@ def loaded(editor, artifacts, comfy_server) -> dict[str, dict]:
     results = {}
     start = time.monotonic()
     for api_path in WORKFLOWS:
-        twin = ex.ui_twin_path(api_path)
+        twin = ui_twins.ui_twin_path(api_path)
         if not twin.is_file():  # fails that workflow's tests, not the others'
             results[ex.workflow_name(api_path)] = {"missing": f"{twin.name} is missing: python -m facebooth "
                                                               "examples --write-ui --no-run"}
@@ -133,7 +134,7 @@ def test_widget_values_equal_the_workflow_after_the_editors_widget_handling(load
         values = [v for _, v in by_id[node["id"]]["widgets"]]
         assert values == node["widgets_values"], (node["id"], node["type"], by_id[node["id"]]["widgets"])
     # By name: each widget holds what the API twin says for that input; seed controls stay "fixed".
-    expected = ex.expected_ui_api(api_path)
+    expected = ui_twins.expected_ui_api(api_path)
     for nid, node in expected.items():
         widgets = dict(by_id[int(nid)]["widgets"])
         for name, value in node["inputs"].items():
@@ -155,7 +156,7 @@ def test_no_two_nodes_overlap_as_the_editor_sized_them(loaded, api_path):
 @pytest.mark.parametrize("api_path", WORKFLOWS, ids=_ids)
 def test_the_graph_the_editor_queues_equals_the_api_twin(loaded, api_path):
     got = _got(loaded, api_path)
-    expected = ex.expected_ui_api(api_path)
+    expected = ui_twins.expected_ui_api(api_path)
     queued = drop_declared_defaults(got["prompt"], expected, loaded_object_info(got))
     assert queued == expected
 
@@ -164,7 +165,7 @@ def test_a_workflow_queued_from_the_editor_finishes(editor, comfy_server, random
     """The cheap example, switched to the random checkpoint at test size in the editor's widgets, then Queue."""
     from facebooth.runner.browser import wait_for_history
 
-    twin = ex.ui_twin_path(CHEAP)
+    twin = ui_twins.ui_twin_path(CHEAP)
     state = editor.drop_workflow(json.loads(twin.read_text()), twin.name)
     # The checkpoint is not on this server: the editor offers the download from properties.models.
     dialog = editor.page.locator(".p-dialog", has_text="Missing Models").first
@@ -199,7 +200,7 @@ def test_template_browser_lists_only_ui_workflows_with_thumbnails(editor, comfy_
 
     listed, _ = _get(comfy_server.url + "/api/workflow_templates")
     ours = json.loads(listed).get("FaceBooth", [])
-    titles = sorted(ex.workflow_title(p) for p in WORKFLOWS)
+    titles = sorted(ui_twins.workflow_title(p) for p in WORKFLOWS)
     assert sorted(ours) == titles, "the template browser must list exactly the UI workflows"
     for title in ours:
         base = f"{comfy_server.url}/api/workflow_templates/FaceBooth/{urllib.parse.quote(title)}"

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import pytest
 
 from facebooth.runner import examples as ex
+from facebooth.runner import local_setup, run
 from facebooth.runner.server import ComfyServer, ComfyUINotFoundError, check_comfyui_dir
 
 
@@ -47,9 +48,9 @@ def facebooth_cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def comfy_setup(comfyui_dir, facebooth_cache_dir, tmp_path_factory) -> ex.LocalSetup:
+def comfy_setup(comfyui_dir, facebooth_cache_dir, tmp_path_factory) -> local_setup.LocalSetup:
     base = tmp_path_factory.mktemp("comfy-base")
-    return ex.prepare_base_dir(base, cache_dir=facebooth_cache_dir, comfyui_dir=comfyui_dir)
+    return local_setup.prepare_base_dir(base, cache_dir=facebooth_cache_dir, comfyui_dir=comfyui_dir)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +76,7 @@ def comfy_server(comfyui_dir, comfy_base_dir):
 
 @pytest.fixture(scope="session")
 def default_substitutions(comfy_server, comfy_setup) -> dict[str, Any]:
-    faces = ex.upload_faces(comfy_server.client, None)
+    faces = run.upload_faces(comfy_server.client, None)
     return {**comfy_setup.substitutions, "SEED": 0, **faces}
 
 
@@ -86,6 +87,6 @@ def run_workflow(default_substitutions):
         values = dict(default_substitutions)
         values["WORKFLOW"] = "test" if isinstance(workflow, Mapping) else ex.workflow_name(workflow)
         values.update(substitutions or {})
-        return ex.to_pil(ex.run_workflow(client, workflow, values, timeout=timeout))
+        return run.to_pil(run.run_workflow(client, workflow, values, timeout=timeout))
 
     return _run

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from facebooth.runner import examples as ex
+from facebooth.runner import drawn_face, local_setup
 from facebooth.runner.batch.dispatcher import Settings
 from facebooth.runner.batch.jobs import matrix_jobs
 from facebooth.runner.batch.journal import Journal
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 def servers(request, comfyui_dir, facebooth_cache_dir, tmp_path_factory):
     """[A, B]: B starts in a thread while the session server A starts (or is already up)."""
     base = tmp_path_factory.mktemp("comfy-base-b")
-    ex.prepare_base_dir(base, cache_dir=facebooth_cache_dir, comfyui_dir=comfyui_dir)
+    local_setup.prepare_base_dir(base, cache_dir=facebooth_cache_dir, comfyui_dir=comfyui_dir)
     # Not die_with_parent: it is started from a thread that ends (the signal follows the starting thread).
     b = ComfyServer(comfyui_dir, base, startup_timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     errors = []
@@ -211,8 +211,8 @@ def test_ctrl_c_then_sigkill_mid_run_then_resume_loses_and_repeats_nothing(serve
 def test_a_policy_failure_fails_its_job_and_the_batch_goes_on(servers, comfy_setup, tmp_path):
     faces = tmp_path / "faces"
     faces.mkdir()
-    ex.synthetic_face(0).save(faces / "anna.png")
-    ex.synthetic_face(1).save(faces / "ben.png")
+    drawn_face.synthetic_face(0).save(faces / "anna.png")
+    drawn_face.synthetic_face(1).save(faces / "ben.png")
     Image.new("RGB", (128, 128), (40, 80, 160)).save(faces / "empty_wall.png")
     table = tmp_path / "jobs.jsonl"
     rows = [{"FACE_IMAGE": "faces/anna.png"}, {"FACE_IMAGE": "faces/empty_wall.png", "3.mode": "detect"},

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from facebooth.runner import examples as ex
+from facebooth.runner import placeholders
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,7 +24,7 @@ NAME = "fb_ci_sdxl_integration"
 
 @pytest.fixture(scope="module")
 def sdxl_run(comfy_server, comfy_base_dir, default_substitutions, run_workflow):
-    api = ex.substitute(ex.load_workflow(EXAMPLE), {**default_substitutions, "WORKFLOW": "cross_init_sdxl_it"},
+    api = placeholders.substitute(ex.load_workflow(EXAMPLE), {**default_substitutions, "WORKFLOW": "cross_init_sdxl_it"},
                         name="cross_init_sdxl")
     api["3"]["inputs"]["name"] = NAME
     sampler = api["8"]["inputs"]

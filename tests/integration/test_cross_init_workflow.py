@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from facebooth.runner import examples as ex
+from facebooth.runner import placeholders
 from facebooth.runner.client import WorkflowFailedError, WorkflowRejectedError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,7 +29,7 @@ TRAIN_NODE = "3"
 
 
 def _example(subs: dict, name: str = NAME) -> dict:
-    api = ex.substitute(ex.load_workflow(EXAMPLE), {**subs, "WORKFLOW": "cross_init_it"}, name="cross_init_fast")
+    api = placeholders.substitute(ex.load_workflow(EXAMPLE), {**subs, "WORKFLOW": "cross_init_it"}, name="cross_init_fast")
     api[TRAIN_NODE]["inputs"]["name"] = name
     return api
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from facebooth.runner import examples as ex
+from facebooth.runner import local_setup, placeholders, substitutions, ui_twins
 from facebooth.runner.client import WorkflowFailedError, WorkflowRejectedError
 from facebooth.runner.server import find_free_port
 from facebooth.runner.ui_workflow import ui_to_api, strip_meta
@@ -38,8 +39,8 @@ def test_placeholders_are_found_and_filled_with_their_json_type():
                                             "link": ["2", 0], "literal": "$lower is not a placeholder"}},
         "2": {"class_type": "B", "inputs": {"items": ["$FACE_IMAGE", 3]}},
     }
-    assert ex.find_placeholders(wf) == {"SEED", "CHECKPOINT", "WORKFLOW", "FACE_IMAGE"}
-    out = ex.substitute(wf, {"SEED": 7, "CHECKPOINT": "m.safetensors", "WORKFLOW": "w", "FACE_IMAGE": "f.png"})
+    assert placeholders.find_placeholders(wf) == {"SEED", "CHECKPOINT", "WORKFLOW", "FACE_IMAGE"}
+    out = placeholders.substitute(wf, {"SEED": 7, "CHECKPOINT": "m.safetensors", "WORKFLOW": "w", "FACE_IMAGE": "f.png"})
     assert out["1"]["inputs"] == {"seed": 7, "name": "m.safetensors", "prefix": "out/w_x", "link": ["2", 0],
                                   "literal": "$lower is not a placeholder"}
     assert out["2"]["inputs"]["items"] == ["f.png", 3]
@@ -47,8 +48,8 @@ def test_placeholders_are_found_and_filled_with_their_json_type():
 
 
 def test_missing_placeholder_names_it_and_says_how_to_set_it():
-    with pytest.raises(ex.PlaceholderError) as info:
-        ex.substitute({"1": {"class_type": "A", "inputs": {"x": "$NOPE", "y": "$SEED"}}}, {"SEED": 1}, name="demo")
+    with pytest.raises(placeholders.PlaceholderError) as info:
+        placeholders.substitute({"1": {"class_type": "A", "inputs": {"x": "$NOPE", "y": "$SEED"}}}, {"SEED": 1}, name="demo")
     assert "demo" in str(info.value) and "$NOPE" in str(info.value) and "--set NOPE=" in str(info.value)
 
 
@@ -67,34 +68,34 @@ def test_workflow_listing_and_loading(tmp_path):
 
 def test_every_example_workflow_is_api_format_with_known_placeholders():
     """Placeholders without a default are ones the runner fills; test-size knobs all have real defaults."""
-    known = set(ex.EDITOR_DEFAULTS) | {"WORKFLOW"}
+    known = set(ui_twins.EDITOR_DEFAULTS) | {"WORKFLOW"}
     for path in ex.list_workflows():
         api = ex.load_workflow(path)
-        unknown = ex.find_placeholders(api, required_only=True) - known
+        unknown = placeholders.find_placeholders(api, required_only=True) - known
         assert not unknown, f"{path.name} uses placeholders the runner does not provide: {sorted(unknown)}"
-        assert ex.find_placeholders(api) - known <= set(ex.placeholder_defaults(api)), path.name
-    used = set().union(*(ex.find_placeholders(ex.load_workflow(p)) for p in ex.list_workflows()))
-    assert set(ex.TEST_SIZE_VALUES) <= used, "a test-size value no example uses"
+        assert placeholders.find_placeholders(api) - known <= set(placeholders.placeholder_defaults(api)), path.name
+    used = set().union(*(placeholders.find_placeholders(ex.load_workflow(p)) for p in ex.list_workflows()))
+    assert set(substitutions.TEST_SIZE_VALUES) <= used, "a test-size value no example uses"
 
 
 def test_placeholder_defaults_fill_when_nothing_provides_the_name():
     wf = {"1": {"class_type": "A", "inputs": {
         "steps": "${STEPS:-25}", "text": "${PROMPT:-a photo, of a person}", "mode": "${MODE:-detect}",
         "prefix": "x/${NAME:-anon}_${WORKFLOW}", "w": "${WIDTH:-512}"}}}
-    assert ex.find_placeholders(wf, required_only=True) == {"WORKFLOW"}
-    assert ex.placeholder_defaults(wf) == {"STEPS": 25, "PROMPT": "a photo, of a person", "MODE": "detect",
+    assert placeholders.find_placeholders(wf, required_only=True) == {"WORKFLOW"}
+    assert placeholders.placeholder_defaults(wf) == {"STEPS": 25, "PROMPT": "a photo, of a person", "MODE": "detect",
                                            "NAME": "anon", "WIDTH": 512}
-    out = ex.substitute(wf, {"WORKFLOW": "w", "WIDTH": 64})["1"]["inputs"]
+    out = placeholders.substitute(wf, {"WORKFLOW": "w", "WIDTH": 64})["1"]["inputs"]
     assert out == {"steps": 25, "text": "a photo, of a person", "mode": "detect", "prefix": "x/anon_w", "w": 64}
-    with pytest.raises(ex.PlaceholderError, match="WORKFLOW"):
-        ex.substitute(wf, {})
+    with pytest.raises(placeholders.PlaceholderError, match="WORKFLOW"):
+        placeholders.substitute(wf, {})
 
 
 def test_prepare_base_dir_links_pack_and_user_checkpoint(tmp_path):
     """--checkpoint as a path or as a name from the user's ComfyUI; no random models needed for this."""
     ckpt = tmp_path / "mine.safetensors"
     ckpt.write_bytes(b"x")
-    setup = ex.prepare_base_dir(tmp_path / "base", checkpoint=ckpt, face_models=False)
+    setup = local_setup.prepare_base_dir(tmp_path / "base", checkpoint=ckpt, face_models=False)
     link = setup.base_dir / "custom_nodes" / "FaceBooth"
     assert link.is_symlink() and link.resolve() == REPO
     assert setup.checkpoint_name == "mine.safetensors" == setup.substitutions["CHECKPOINT"]
@@ -102,10 +103,10 @@ def test_prepare_base_dir_links_pack_and_user_checkpoint(tmp_path):
     comfy = tmp_path / "ComfyUI"
     (comfy / "models" / "checkpoints").mkdir(parents=True)
     (comfy / "models" / "checkpoints" / "named.safetensors").write_bytes(b"y")
-    setup2 = ex.prepare_base_dir(tmp_path / "base2", checkpoint="named.safetensors", comfyui_dir=comfy, face_models=False)
+    setup2 = local_setup.prepare_base_dir(tmp_path / "base2", checkpoint="named.safetensors", comfyui_dir=comfy, face_models=False)
     assert setup2.checkpoint_name == "named.safetensors"
-    with pytest.raises(ex.MissingModelError, match="not_there.safetensors"):
-        ex.prepare_base_dir(tmp_path / "base3", checkpoint="not_there.safetensors", comfyui_dir=comfy, face_models=False)
+    with pytest.raises(local_setup.MissingModelError, match="not_there.safetensors"):
+        local_setup.prepare_base_dir(tmp_path / "base3", checkpoint="not_there.safetensors", comfyui_dir=comfy, face_models=False)
 
 
 def test_cli_exits_2_for_a_missing_face_image(tmp_path):
@@ -196,7 +197,7 @@ def test_seed_placeholder_reaches_the_sampler(basic_images, comfy_server, run_wo
 
 @pytest.mark.integration
 def test_invalid_workflow_is_rejected_with_the_node_named(comfy_server, default_substitutions):
-    api = ex.substitute(ex.load_workflow(BASIC), {**default_substitutions, "WORKFLOW": "x"})
+    api = placeholders.substitute(ex.load_workflow(BASIC), {**default_substitutions, "WORKFLOW": "x"})
     api["4"]["inputs"]["ckpt_name"] = "no_such_model.safetensors"
     with pytest.raises(WorkflowRejectedError) as info:
         comfy_server.client.queue_prompt(api)
@@ -235,13 +236,13 @@ def test_every_example_workflow_runs_and_saves_images(api_path, comfy_server, ru
 @pytest.mark.integration
 @pytest.mark.parametrize("api_path", ex.list_workflows(), ids=ex.workflow_name)
 def test_ui_twin_queues_the_same_graph(api_path, comfy_server):
-    twin = ex.ui_twin_path(api_path)
+    twin = ui_twins.ui_twin_path(api_path)
     assert twin.is_file(), f"{twin.name} is missing: generate it with `python -m facebooth examples --write-ui`"
     import json
 
     ui = json.loads(twin.read_text())
     info = comfy_server.client.object_info()
-    expected = ex.expected_ui_api(api_path)
+    expected = ui_twins.expected_ui_api(api_path)
     assert drop_declared_defaults(strip_meta(ui_to_api(ui, info)), expected, info) == expected, (
         f"{twin.name} drifted from {api_path.name}: regenerate with `python -m facebooth examples --write-ui`"
     )

@@ -13,6 +13,7 @@ import pytest
 
 from facebooth.devmodels.face2diffusion_models import MAPPING_FILE, MSID_FILE, write_random_msid, write_random_mapping
 from facebooth.runner import examples as ex
+from facebooth.runner import placeholders
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +79,7 @@ def test_identity_reaches_the_sampler_and_strength_zero_is_plain_text(comfy_serv
 def test_a_prompt_without_the_placeholder_fails_with_a_clear_message(comfy_server, default_substitutions, f2d_files):
     from facebooth.runner.client import WorkflowFailedError
 
-    api = ex.substitute(ex.load_workflow(BASIC), {**default_substitutions, **f2d_files, "WORKFLOW": "f2d_no_placeholder"})
+    api = placeholders.substitute(ex.load_workflow(BASIC), {**default_substitutions, **f2d_files, "WORKFLOW": "f2d_no_placeholder"})
     api["6"]["inputs"]["text"] = "a photo of a person"
     prompt_id = comfy_server.client.queue_prompt(api)
     with pytest.raises(WorkflowFailedError) as info:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from facebooth.runner import examples as ex
+from facebooth.runner import placeholders
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def _real_mtcnn(comfy_base_dir: Path) -> None:
 
 
 def _run(client, graph: dict, values: dict) -> dict:
-    api = ex.substitute(graph, values, name="test")
+    api = placeholders.substitute(graph, values, name="test")
     prompt_id = client.queue_prompt(api)
     return client.wait(prompt_id, timeout=600)
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from facebooth.devmodels import instantbooth_models as ibm
 from facebooth.pipelines.personamagic.files import load_personamagic
 from facebooth.runner import examples as ex
+from facebooth.runner import placeholders, ui_twins
 from facebooth.runner.client import WorkflowFailedError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,9 +45,9 @@ def clip_vision(comfy_base_dir, facebooth_cache_dir) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def example_run(comfy_server, comfy_base_dir, default_substitutions, clip_vision, run_workflow):
     subs = {**default_substitutions, **clip_vision, "WORKFLOW": "personamagic_it"}
-    api = ex.substitute(ex.load_workflow(EXAMPLE), subs, name="personamagic_train_apply")
+    api = placeholders.substitute(ex.load_workflow(EXAMPLE), subs, name="personamagic_train_apply")
     if os.environ.get("FACEBOOTH_WRITE_UI"):
-        ex.write_ui_twin(EXAMPLE, comfy_server.client.object_info())
+        ui_twins.write_ui_twin(EXAMPLE, comfy_server.client.object_info())
     sampler = api[SAMPLER]["inputs"]
     api["90"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of face wearing a santa hat", "clip": ["1", 1]}}
     api["91"] = {"class_type": "KSampler", "inputs": {**sampler, "model": ["1", 0], "positive": ["90", 0]}}

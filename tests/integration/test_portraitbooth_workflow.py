@@ -16,6 +16,7 @@ import pytest
 
 from facebooth.devmodels.portraitbooth_models import FASTCOMPOSER_FILE, STEA_FILE, write_random_fastcomposer, write_random_stea
 from facebooth.runner import examples as ex
+from facebooth.runner import placeholders
 from facebooth.runner.client import WorkflowFailedError
 
 pytestmark = pytest.mark.integration
@@ -115,7 +116,7 @@ def test_multidiffusion_with_the_background_prompt_everywhere_is_plain_sampling(
 
 
 def test_missing_subject_word_fails_with_a_clear_message(comfy_server, default_substitutions, pb_files):
-    api = ex.substitute(ex.load_workflow(SINGLE), {**default_substitutions, **pb_files, "WORKFLOW": "pb_missing_word"})
+    api = placeholders.substitute(ex.load_workflow(SINGLE), {**default_substitutions, **pb_files, "WORKFLOW": "pb_missing_word"})
     api["5"]["inputs"]["text"] = "a photo of a woman"
     prompt_id = comfy_server.client.queue_prompt(api)
     with pytest.raises(WorkflowFailedError) as info:
@@ -125,7 +126,7 @@ def test_missing_subject_word_fails_with_a_clear_message(comfy_server, default_s
 
 
 def test_stea_file_in_the_fastcomposer_loader_says_which_loader_to_use(comfy_server, default_substitutions, pb_files):
-    api = ex.substitute(ex.load_workflow(SINGLE), {**default_substitutions, **pb_files, "WORKFLOW": "pb_wrong_loader"})
+    api = placeholders.substitute(ex.load_workflow(SINGLE), {**default_substitutions, **pb_files, "WORKFLOW": "pb_wrong_loader"})
     api["4"]["inputs"]["file"] = pb_files["PORTRAITBOOTH_STEA"]
     prompt_id = comfy_server.client.queue_prompt(api)
     with pytest.raises(WorkflowFailedError) as info:
