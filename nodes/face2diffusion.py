@@ -9,31 +9,28 @@ node works with it.
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..pipelines.face.align import crop_face
-from ..pipelines.face.analyzer import to_rgb_batch
 from ..pipelines.face.types import FaceSet
 from ..pipelines.face2diffusion import (
     DEFAULT_PLACEHOLDER,
     F2DMapping,
-    F2DWeightsError,
-    IdentityTokens,
     MSIDEncoder,
-    encode_identity,
     load_expression,
-    load_mapping,
-    load_msid,
-    placeholder_token_id,
-    plan_chunked_injection,
-    prepare_expression,
+)
+from ..pipelines.face2diffusion.expression import find_expression_file, list_expression_files
+from ..pipelines.face2diffusion.identity import (
+    F2DIdentity,
+    identity_crops,
+    identity_word_vectors,
+    inject_weighted_tokens,
+    load_pair,
+    square_crops,
 )
 from . import model_folders
 from .common import (
@@ -55,7 +52,6 @@ CATEGORY = "FaceBooth/Face2Diffusion"
 FOLDER = "facebooth/face2diffusion"
 EXPRESSION_SUBFOLDER = "expressions"
 SD1_WIDTH = 768
-CROP_SIZE = 112
 _CACHE = ModelCache(max_items=2)
 
 F2DModelType = io.Custom("FACEBOOTH_F2D")  # F2DModels
@@ -78,17 +74,6 @@ class F2DModels:
     patcher: Any = None  # comfy.model_patcher.ModelPatcher over nn.ModuleDict(msid=..., mapping=...)
 
 
-@dataclass
-class F2DIdentity:
-    """One person to inject (socket FACEBOOTH_F2D_IDENTITIES carries a list of these)."""
-
-    vectors: Optional[torch.Tensor]  # (2, D) S1*, S2* in float32 on the CPU; None: no face found (pass through)
-    placeholder: str
-    strength: float
-    faces: int
-    source: str  # for messages: where the faces came from
-
-
 # ----------------------------------------------------------------------------------------------------------
 # model files
 
@@ -105,14 +90,7 @@ def _ordered(files: list[str], hint: str) -> list[str]:
 
 def load_f2d_models(msid_path: str, mapping_path: str, device: str = "auto") -> F2DModels:
     """Both files on the CPU, wrapped for ComfyUI's memory management (``device``: a DEVICE_CHOICES entry)."""
-    msid = load_msid(msid_path)
-    mapping = load_mapping(mapping_path)
-    if mapping.config.id_dim != msid.feature_dim:
-        raise F2DWeightsError(
-            f"{os.path.basename(mapping_path)} takes {mapping.config.id_dim}-d identity vectors, but "
-            f"{os.path.basename(msid_path)} makes {msid.feature_dim}-d ones: the two files do not belong together. "
-            "Use the msid and mapping files of one release (official: msid.pt + mapping.pt) or of one training run."
-        )
+    msid, mapping = load_pair(msid_path, mapping_path)
     patcher = managed(torch.nn.ModuleDict({"msid": msid, "mapping": mapping}), device)
     return F2DModels(msid=msid, mapping=mapping, name=f"{os.path.basename(msid_path)} + {os.path.basename(mapping_path)}",
                      patcher=patcher)
@@ -123,68 +101,24 @@ def _expression_roots() -> list[str]:
 
 
 def _expression_files() -> list[str]:
-    names: set[str] = set()
-    for root in _expression_roots():
-        for dirpath, _dirs, files in os.walk(root, followlinks=True):
-            for f in files:
-                if f.lower().endswith((".npy", ".safetensors")):
-                    names.add(os.path.relpath(os.path.join(dirpath, f), root).replace("\\", "/"))
-    return sorted(names)
+    return list_expression_files(_expression_roots())
 
 
 def _resolve_expression(name: str) -> str:
-    for root in _expression_roots():
-        path = os.path.abspath(os.path.join(root, name))
-        if os.path.commonpath([os.path.abspath(root), path]) == os.path.abspath(root) and os.path.isfile(path):
-            return path
-    raise FileNotFoundError(
-        f"FaceBooth: expression file '{name}' not found in: {', '.join(_expression_roots())}. "
-        "Put a .npy (64 coefficients) or .safetensors file there and refresh the page."
-    )
+    return find_expression_file(_expression_roots(), name)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # identities
 
-
-def _crops_from_faceset(faceset: FaceSet) -> torch.Tensor:
-    crops = []
-    for f in faceset.faces:
-        crop = f.crops.get("arcface_112")
-        if crop is None:  # an analyzer asked for other crop kinds only
-            crop = crop_face(faceset.images[f.image_index], f.landmarks, "arcface_112")
-        crops.append(crop)
-    return torch.stack(crops).float()
+_crops_from_images = square_crops
 
 
-def _crops_from_images(images: torch.Tensor) -> torch.Tensor:
-    batch = to_rgb_batch(images)
-    n, h, w, _ = batch.shape
-    if h != w:
-        raise ValueError(
-            f"face_crops must be square ArcFace-aligned face crops (e.g. 112x112); got {w}x{h}. "
-            "Use Detect Faces and connect its 'faces' output instead."
-        )
-    if h != CROP_SIZE:
-        x = F.interpolate(batch.permute(0, 3, 1, 2), size=(CROP_SIZE, CROP_SIZE), mode="bilinear", antialias=True, align_corners=False)
-        batch = x.clamp(0, 1).permute(0, 2, 3, 1)
-    return batch.contiguous()
-
-
-@torch.no_grad()
 def identity_vectors(models: F2DModels, crops: torch.Tensor, expression: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Aligned crops (N, 112, 112, 3) of ONE person -> (2, D) word vectors S1*, S2*.
-
-    Several photos: their MSID identity vectors are averaged before the mapping networks, like the mean
-    ArcFace embedding of an Identity. One photo gives exactly the official computation.
-    """
+    """Aligned crops (N, 112, 112, 3) of ONE person -> (2, D) word vectors, on ComfyUI's device."""
     if models.patcher is not None:
         load_managed(models.patcher)  # ComfyUI puts both networks on its device (and may evict others)
-    v_id = encode_identity(models.msid, crops).float().mean(0, keepdim=True)
-    exp, mask = prepare_expression(None if expression is None else expression.reshape(1, -1), 1, models.mapping.config.exp_dim)
-    p = next(models.mapping.parameters())
-    out = models.mapping(v_id.to(p), None if exp is None else exp.to(p), None if mask is None else mask.to(p))
-    return out[0].float().cpu()
+    return identity_word_vectors(models.msid, models.mapping, crops, expression)
 
 
 def make_identity(
@@ -196,24 +130,11 @@ def make_identity(
     strength: float,
     who: str,
 ) -> F2DIdentity:
-    if faces is not None and face_crops is not None:
-        raise ValueError(f"{who}: connect either 'faces' (from Detect Faces) or 'face_crops', not both.")
     placeholder = (placeholder or "").strip()
-    if faces is not None:
-        if not faces.faces:
-            n = int(faces.images.shape[0])
-            if faces.no_face_policy == "pass_through":
-                log.warning("FaceBooth Face2Diffusion: %s: no face in %d image(s); the placeholder stays plain text.", who, n)
-                return F2DIdentity(None, placeholder, strength, 0, who)
-            raise ValueError(
-                f"{who}: Detect Faces found no face in the {n} image(s). Use clearer photos, or set its 'no face' option "
-                "to 'pass through' to get the plain prompt instead."
-            )
-        crops, source = _crops_from_faceset(faces), f"{len(faces.faces)} detected face(s)"
-    elif face_crops is not None:
-        crops, source = _crops_from_images(face_crops), f"{int(face_crops.shape[0])} face crop(s)"
-    else:
-        raise ValueError(f"{who}: connect 'faces' (from Detect Faces) or 'face_crops' (aligned face images).")
+    picked = identity_crops(faces, face_crops, who)
+    if picked is None:  # no face, and Detect Faces was told to pass through
+        return F2DIdentity(None, placeholder, strength, 0, who)
+    crops, source = picked
     vectors = identity_vectors(models, crops, expression)
     log.info("FaceBooth Face2Diffusion: %s from %s%s, placeholder '%s', strength %.2f", who, source,
              " with expression" if expression is not None else "", placeholder, strength)
@@ -263,54 +184,19 @@ def sd1_text_model(clip: Any) -> torch.nn.Module:
     return text_model
 
 
-def _token_id(entry: Any) -> int:
-    tok = entry[0]
-    return int(tok) if isinstance(tok, numbers.Integral) else -1  # tensors (embedding:...) never match
-
-
 def inject_identities(clip: Any, tokens: dict, identities: Sequence[F2DIdentity]) -> dict:
     """A copy of ComfyUI's tokenizer output with every identity's vectors as tensor tokens at its placeholder pair.
 
     Strength s blends, at the text encoder's input, between the plain-text pair (s = 0) and F2D's vectors
     (s = 1, the official replacement): h = t + s (S* - t), with t = token + position embedding of the typed
-    words. s > 1 extrapolates. Identities without a face keep their pair as plain text, but still use it up,
-    so the others land where they belong.
+    words. s > 1 extrapolates. See :func:`~facebooth.pipelines.face2diffusion.identity.inject_weighted_tokens`.
     """
     text_model = sd1_text_model(clip)
     clip.load_model()  # patched weights are in place once loaded
     emb = text_model.embeddings
-    pos = emb.position_embedding.weight.detach().float().cpu()
-    tok_weight = emb.token_embedding.weight
-    hf_tokenizer = clip.tokenizer.clip_l.tokenizer
-    chunks = [list(chunk) for chunk in tokens["l"]]
-    ids = [[_token_id(e) for e in chunk] for chunk in chunks]
-    width = pos.shape[-1]
-    planned = []
-    for k, ident in enumerate(identities):
-        vectors = ident.vectors if ident.vectors is not None else torch.zeros(2, width)
-        name = f"identity {k + 1} (placeholder '{ident.placeholder}')"
-        planned.append(IdentityTokens(placeholder_token_id(hf_tokenizer, ident.placeholder), vectors, name=name))
-    plan = plan_chunked_injection(ids, planned, pos)
-    second_word = placeholder_token_id(hf_tokenizer, "l")
-    for k, (c, s, corrected) in enumerate(plan):
-        ident = identities[k // 2]
-        if ident.vectors is None:
-            continue
-        if k % 2 == 1 and ids[c][s] != second_word:
-            log.warning(
-                "FaceBooth Face2Diffusion: the token after placeholder '%s' is replaced too; the weights were trained with "
-                "the pair written '%s l'.", ident.placeholder, ident.placeholder)
-        old = chunks[c][s]
-        if ident.strength == 1.0:
-            value = corrected
-        else:
-            plain = old[0] if torch.is_tensor(old[0]) else tok_weight[int(old[0])]
-            plain = plain.detach().float().cpu().reshape(-1)
-            value = plain + ident.strength * (corrected - plain)
-        chunks[c][s] = (value, *old[1:])
-    out = dict(tokens)
-    out["l"] = chunks
-    return out
+    chunks = inject_weighted_tokens(tokens["l"], identities, clip.tokenizer.clip_l.tokenizer,
+                                    emb.position_embedding.weight, emb.token_embedding.weight)
+    return {**tokens, "l": chunks}
 
 
 def encode_prompt(clip: Any, text: str, identities: Sequence[F2DIdentity], start_at: float = 0.0, end_at: float = 1.0,

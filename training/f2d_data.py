@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..pipelines.face2diffusion.expression import EXPRESSION_DIM, load_expression
+from ..pipelines.face2diffusion.msid import preprocess_aligned
 from .datafiles import IMAGE_EXTS, find_by_stem, list_images, read_gray, read_rgb
 
 # Shared run scaffolding, re-exported for the scripts and tests that import it from here.
@@ -44,6 +45,11 @@ log = logging.getLogger(__name__)
 def load_rgb(path: Path, size: int) -> torch.Tensor:
     """Image file -> (3, size, size) float in [-1, 1] (resized with bicubic when it is not already that size)."""
     return read_rgb(path, size).permute(2, 0, 1) * 2 - 1
+
+
+def load_crop(path: Path, size: int) -> torch.Tensor:
+    """Aligned face crop file -> (3, size, size), scaled as the MSID encoder reads crops at inference."""
+    return preprocess_aligned(read_rgb(path, size), size)[0]
 
 
 class IdentityFolderDataset:
@@ -78,7 +84,7 @@ class IdentityFolderDataset:
 
     def get(self, index: int, flip: bool = False) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
-        x = load_rgb(path, self.image_size)
+        x = load_crop(path, self.image_size)
         return (x.flip(-1) if flip else x), label
 
     def batch(self, indices: Sequence[int], flips: Sequence[bool]) -> dict[str, torch.Tensor]:
@@ -156,7 +162,7 @@ class FaceMappingDataset:
 
     def get(self, index: int, flip: bool = False) -> dict[str, Any]:
         img = load_rgb(self.images[index], self.resolution)
-        crop = load_rgb(self.crops[index], self.crop_size)
+        crop = load_crop(self.crops[index], self.crop_size)
         mask = self._mask(index)
         if flip:  # the only augmentation in the paper
             img, crop, mask = img.flip(-1), crop.flip(-1), mask.flip(-1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +36,7 @@ from ..pipelines.face2diffusion.injection import (
     find_identity_slots,
     placeholder_token_id,
 )
+from ..pipelines.face2diffusion.identity import check_pair
 from ..pipelines.face2diffusion.loading import load_mapping, load_msid, save_mapping
 from ..pipelines.face2diffusion.mapping import F2DMapping, F2DMappingConfig
 from .distributed import RandomSlot, SampleRandom, per_sample_dropout
@@ -104,10 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     text_width = text_encoder.config.hidden_size
     if args.init_mapping:
         mapping = load_mapping(args.init_mapping)
-        if mapping.config.id_dim != msid.feature_dim or mapping.config.out_dim != text_width:
+        check_pair(msid, mapping, os.path.basename(args.msid), f"--init-mapping {os.path.basename(args.init_mapping)}")
+        if mapping.config.out_dim != text_width:
             raise ValueError(
-                f"--init-mapping is {mapping.config.id_dim}->{mapping.config.out_dim}, but the MSID gives {msid.feature_dim} "
-                f"and the text encoder is {text_width} wide."
+                f"--init-mapping makes {mapping.config.out_dim}-d word vectors, but the text encoder is {text_width} wide."
             )
     else:
         mapping = F2DMapping(F2DMappingConfig(

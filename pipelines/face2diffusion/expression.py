@@ -111,3 +111,30 @@ def load_expression(path: str | os.PathLike) -> torch.Tensor:
     if not torch.isfinite(value).all():
         raise ValueError(f"{name} contains NaN or inf.")
     return value
+
+
+EXPRESSION_SUFFIXES = (".npy", ".safetensors")
+
+
+def list_expression_files(roots: Sequence[str | os.PathLike]) -> list[str]:
+    """Expression files below any of ``roots`` (sub-folders too), as sorted '/'-separated relative names."""
+    names: set[str] = set()
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            for f in files:
+                if f.lower().endswith(EXPRESSION_SUFFIXES):
+                    names.add(os.path.relpath(os.path.join(dirpath, f), root).replace("\\", "/"))
+    return sorted(names)
+
+
+def find_expression_file(roots: Sequence[str | os.PathLike], name: str) -> str:
+    """The first ``root/name`` that is a file inside its root (a name cannot climb out with '..')."""
+    for root in roots:
+        root = os.path.abspath(root)
+        path = os.path.abspath(os.path.join(root, name))
+        if os.path.commonpath([root, path]) == root and os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"FaceBooth: expression file '{name}' not found in: {', '.join(os.fspath(r) for r in roots)}. "
+        "Put a .npy (64 coefficients) or .safetensors file there and refresh the page."
+    )
