@@ -419,6 +419,70 @@ def test_augmentation_is_heavy_seeded_and_keeps_the_background_black():
     assert corner[0, 0].abs().max() == 0 and corner[-1, -1].abs().max() == 0
 
 
+
+def _smooth_masked_crop(size: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = torch.stack([0.5 + 0.3 * torch.sin(3 * xx + 1), 0.4 + 0.3 * torch.cos(2 * yy), 0.3 + 0.4 * xx * yy], dim=-1)
+    mask = (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < 0.16).float()
+    return img * mask[..., None], mask
+
+
+def test_augmentation_matches_opencv_colorsys_and_scipy_for_given_draws():
+    """apply_augment against independent code: OpenCV's warpAffine for the geometry, colorsys and the written-out
+    brightness / contrast / saturation formulas for the colour, ITU-R 601 grey and scipy's Gaussian filter."""
+    import colorsys
+
+    import numpy as np
+
+    cv2 = pytest.importorskip("cv2")
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from facebooth.pipelines.instantbooth.references import AugmentParams, apply_augment, draw_augment_params
+
+    img, mask = _smooth_masked_crop()
+    s = img.shape[0]
+    calm = dict(flip=False, angle_deg=0.0, scale=1.0, translate=(0.0, 0.0), brightness=1.0, contrast=1.0,
+                saturation=1.0, hue=0.0, grayscale=False, blur_sigma=None)
+
+    # geometry: flip, then rotate 17 deg clockwise and scale 0.85 about the centre, then shift
+    p = AugmentParams(**{**calm, "flip": True, "angle_deg": 17.0, "scale": 0.85, "translate": (0.06, -0.04)})
+    got = apply_augment(img, mask, p).numpy()
+    rgbm = np.concatenate([img.numpy(), mask[..., None].numpy()], axis=-1)[:, ::-1].copy()
+    mat = cv2.getRotationMatrix2D(((s - 1) / 2, (s - 1) / 2), -17.0, 0.85)  # OpenCV: positive is counter-clockwise
+    mat[:, 2] += (0.06 * s, -0.04 * s)
+    warped = cv2.warpAffine(rgbm, mat, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    inside, outside = warped[..., 3] > 0.98, warped[..., 3] == 0
+    assert inside.sum() > 300 and outside.sum() > 300
+    np.testing.assert_allclose(got[inside], warped[..., :3][inside], atol=1e-3, rtol=0)
+    assert np.abs(got[outside]).max() == 0
+
+    # colour, in this order: brightness, contrast about the object's mean, saturation, hue
+    p = AugmentParams(**{**calm, "brightness": 1.2, "contrast": 0.8, "saturation": 1.3, "hue": 0.07})
+    got = apply_augment(img, mask, p).numpy()
+    m = mask.numpy()[..., None]
+    x = np.clip(img.numpy() * 1.2, 0, 1)
+    mean = (x * m).sum() / (3 * m.sum())
+    x = np.clip((x - mean) * 0.8 + mean, 0, 1)
+    grey = (x @ np.array([0.299, 0.587, 0.114]))[..., None]
+    x = np.clip((x - grey) * 1.3 + grey, 0, 1)
+    hsv = [colorsys.rgb_to_hsv(*px) for px in x.reshape(-1, 3)]
+    x = np.array([colorsys.hsv_to_rgb((h + 0.07) % 1.0, sat, v) for h, sat, v in hsv]).reshape(x.shape) * (m > 0.02)
+    np.testing.assert_allclose(got, x, atol=2e-3, rtol=0)
+
+    # grey, then a Gaussian blur of radius ceil(2 sigma) with a mirrored border
+    p = AugmentParams(**{**calm, "grayscale": True, "blur_sigma": 0.9})
+    got = apply_augment(img, mask, p).numpy()
+    grey = img.numpy() @ np.array([0.299, 0.587, 0.114])
+    blurred = ndimage.gaussian_filter(grey, sigma=0.9, mode="mirror", truncate=2 / 0.9)
+    np.testing.assert_allclose(got, np.repeat(blurred[..., None], 3, -1) * (m > 0.02), atol=2e-3, rtol=0)
+
+    # the draws come from the generator alone, inside the configured ranges
+    cfg = AugmentConfig()
+    draws = [draw_augment_params(torch.Generator().manual_seed(k), cfg) for k in range(200)]
+    assert draws[0] == draw_augment_params(torch.Generator().manual_seed(0), cfg)
+    assert all(abs(d.angle_deg) <= cfg.rotate_deg and cfg.scale[0] <= d.scale <= cfg.scale[1] for d in draws)
+    assert 0.3 < np.mean([d.flip for d in draws]) < 0.7 and 0.1 < np.mean([d.blur_sigma is not None for d in draws]) < 0.3
+
+
 # --- files and dev models ------------------------------------------------------------------------------------
 
 

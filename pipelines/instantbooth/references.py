@@ -168,31 +168,68 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.3, 1.5)
 
 
+@dataclass(frozen=True)
+class AugmentParams:
+    """One draw of :class:`AugmentConfig`: what :func:`apply_augment` does to one reference."""
+
+    flip: bool
+    angle_deg: float  # clockwise, about the centre (torchvision's affine)
+    scale: float
+    translate: tuple[float, float]  # (x, y) as fractions of the width and height
+    brightness: float  # factors: 1 leaves the image unchanged
+    contrast: float
+    saturation: float
+    hue: float  # fraction of a full turn
+    grayscale: bool
+    blur_sigma: Optional[float]  # None: no blur
+
+
 def _u(g: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=g))
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+def draw_augment_params(generator: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> AugmentParams:
+    """Every random number of one augmentation, from ``generator`` alone (a resumed run redraws the same ones)."""
+    g = generator
+    flip = float(torch.rand((), generator=g)) < cfg.flip_p
+    angle = _u(g, -cfg.rotate_deg, cfg.rotate_deg)
+    scale = _u(g, *cfg.scale)
+    translate = (_u(g, -cfg.translate, cfg.translate), _u(g, -cfg.translate, cfg.translate))
+    colour = [_u(g, 1 - r, 1 + r) for r in (cfg.brightness, cfg.contrast, cfg.saturation)]
+    hue = _u(g, -cfg.hue, cfg.hue)
+    grayscale = float(torch.rand((), generator=g)) < cfg.grayscale_p
+    blur = _u(g, *cfg.blur_sigma) if float(torch.rand((), generator=g)) < cfg.blur_p else None
+    return AugmentParams(flip, angle, scale, translate, *colour, hue, grayscale, blur)
 
 
-def _hue_rotate(x: torch.Tensor, turns: float) -> torch.Tensor:
-    # rotation about the grey axis in YIQ space
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=x.dtype)
-    a = 2 * math.pi * turns
-    rot = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]], dtype=x.dtype)
-    mat = torch.linalg.inv(to_yiq) @ rot @ to_yiq
-    return torch.einsum("ij,jhw->ihw", mat.to(x.device), x)
+def apply_augment(image: torch.Tensor, mask: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    """One masked crop (S, S, 3) with its mask (S, S), augmented as ``p`` says (torchvision.transforms.v2):
+    flip, affine (bilinear, zero fill; image and mask move together), brightness, contrast, saturation, hue,
+    grayscale, Gaussian blur (kernel radius ceil(2 sigma), reflected border). Colour steps clamp to [0, 1] as
+    torchvision's do. Contrast pivots on the object's mean, not the whole crop's (torchvision's
+    ``adjust_contrast``), which the black background would pull down. The background stays black."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
 
-
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    r = max(1, int(math.ceil(2 * sigma)))
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x[:, None], (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    return x[:, 0]
+    x = torch.cat([image.permute(2, 0, 1).float(), mask[None].float()], dim=0)
+    if p.flip:
+        x = TF.horizontal_flip(x)
+    h, w = x.shape[-2:]
+    x = TF.affine(x, angle=p.angle_deg, translate=[p.translate[0] * w, p.translate[1] * h], scale=p.scale,
+                  shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR)
+    rgb, m = x[:3], x[3:].clamp(0, 1)
+    rgb = TF.adjust_brightness(rgb, p.brightness)
+    mean = (rgb * m).sum() / (3 * m.sum()).clamp_min(1e-6)
+    rgb = ((rgb - mean) * p.contrast + mean).clamp(0, 1)
+    rgb = TF.adjust_saturation(rgb, p.saturation)
+    rgb = TF.adjust_hue(rgb, p.hue)
+    if p.grayscale:
+        rgb = TF.rgb_to_grayscale(rgb, num_output_channels=3)
+    if p.blur_sigma is not None:
+        k = 2 * max(1, math.ceil(2 * p.blur_sigma)) + 1
+        rgb = TF.gaussian_blur(rgb, [k, k], [p.blur_sigma, p.blur_sigma])
+    # colour changes lift the background; the object's support (not its soft edge, already applied) cuts it again
+    return (rgb.clamp(0, 1) * (m > 0.02)).permute(1, 2, 0)
 
 
 def augment_reference(
@@ -200,28 +237,4 @@ def augment_reference(
 ) -> torch.Tensor:
     """One masked crop (S, S, 3) with its mask (S, S) -> a randomly flipped, rotated, scaled, shifted,
     colour-jittered, sometimes grey or blurred version; the background stays black."""
-    g = generator
-    x = torch.cat([image.permute(2, 0, 1).float(), mask[None].float()], dim=0)
-    if float(torch.rand((), generator=g)) < cfg.flip_p:
-        x = x.flip(-1)
-    ang = math.radians(_u(g, -cfg.rotate_deg, cfg.rotate_deg))
-    sc = _u(g, *cfg.scale)
-    tx, ty = _u(g, -cfg.translate, cfg.translate) * 2, _u(g, -cfg.translate, cfg.translate) * 2
-    # affine_grid maps output coords to input coords: the inverse of "scale, rotate, then shift"
-    cos, sin = math.cos(ang) / sc, math.sin(ang) / sc
-    theta = torch.tensor([[cos, sin, -(cos * tx + sin * ty)], [-sin, cos, -(-sin * tx + cos * ty)]], dtype=x.dtype)[None]
-    grid = F.affine_grid(theta, [1, 4, *x.shape[-2:]], align_corners=False)
-    x = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    rgb, m = x[:3], x[3:].clamp(0, 1)
-    rgb = rgb * _u(g, 1 - cfg.brightness, 1 + cfg.brightness)
-    mean = (rgb * m).sum() / (3 * m.sum()).clamp_min(1e-6)
-    rgb = (rgb - mean) * _u(g, 1 - cfg.contrast, 1 + cfg.contrast) + mean
-    gray = _gray(rgb)
-    rgb = (rgb - gray) * _u(g, 1 - cfg.saturation, 1 + cfg.saturation) + gray
-    rgb = _hue_rotate(rgb, _u(g, -cfg.hue, cfg.hue))
-    if float(torch.rand((), generator=g)) < cfg.grayscale_p:
-        rgb = _gray(rgb).expand(3, -1, -1)
-    if float(torch.rand((), generator=g)) < cfg.blur_p:
-        rgb = _blur(rgb, _u(g, *cfg.blur_sigma))
-    # colour changes lift the background; the object's support (not its soft edge, already applied) cuts it again
-    return (rgb.clamp(0, 1) * (m > 0.02)).permute(1, 2, 0)
+    return apply_augment(image, mask, draw_augment_params(generator, cfg))
