@@ -6,7 +6,7 @@ import os
 import re
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import torch
 
@@ -84,6 +84,14 @@ class ModelCache:
             self._items.pop(next(iter(self._items)))
         return value
 
+    def get_files(self, folder: str, names: Sequence[str], load: Callable[..., Any], *extra: Hashable) -> Any:
+        """``load(*paths)`` of the files ``names`` in model folder ``folder``, read again only when one of them
+        changes on disk (:func:`file_key`) or ``extra`` (e.g. the device) differs."""
+        from . import model_folders
+
+        paths = [model_folders.resolve_file(folder, name) for name in names]
+        return self.get((*(file_key(p) for p in paths), *extra), lambda: load(*paths))
+
 
 def placeholder_image(size: int = 64) -> torch.Tensor:
     """A black (1, size, size, 3) image for outputs that would otherwise be empty (ComfyUI needs a batch)."""
@@ -93,7 +101,7 @@ def placeholder_image(size: int = 64) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- base-model families
 _FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # FaceBooth methods that run on SDXL-family checkpoints (named in the errors of those that do not).
-SDXL_METHODS = "Cross Initialization"  # (PersonaMagic and MultiDiffusion on SDXL: not yet)
+SDXL_METHODS = "Cross Initialization or PersonaMagic"
 
 
 class WrongFamilyError(ValueError):
@@ -112,8 +120,10 @@ def clip_family(clip) -> Optional[str]:
     return {frozenset({"clip_l"}): "sd1", frozenset({"clip_h"}): "sd2", frozenset({"clip_l", "clip_g"}): "sdxl"}.get(frozenset(towers))
 
 
-def require_family(method: str, supported: tuple[str, ...] = ("sd1",), *, model=None, clip=None) -> None:
-    """Fail before sampling when ``model`` / ``clip`` is an SDXL (or other unsupported) family, naming both."""
+def require_family(method: str, supported: tuple[str, ...] = ("sd1",), *, model=None, clip=None,
+                   advice: Optional[str] = None) -> None:
+    """Fail before sampling when ``model`` / ``clip`` is an SDXL (or other unsupported) family, naming both.
+    ``advice`` replaces the default "load a ... checkpoint" sentence (what to do instead)."""
     wanted = " or ".join(FAMILY_NAMES[f] for f in supported)
     for what, family in (("MODEL", model_family(model) if model is not None else None),
                          ("CLIP", clip_family(clip) if clip is not None else None)):
@@ -122,8 +132,16 @@ def require_family(method: str, supported: tuple[str, ...] = ("sd1",), *, model=
         instead = f" On {FAMILY_NAMES[family]} checkpoints use FaceBooth's {SDXL_METHODS} instead." if family == "sdxl" else ""
         raise WrongFamilyError(
             f"{method} works with {wanted} checkpoints only; this {what} is {FAMILY_NAMES[family]}. "
-            f"Load an {wanted} checkpoint for {method}.{instead}"
+            + (advice if advice is not None else f"Load an {wanted} checkpoint for {method}.{instead}")
         )
+
+
+def checkpoint_inputs(model: str, clip: str, vae: Optional[str] = None) -> list:
+    """The MODEL, CLIP (and VAE) inputs of a node that works on one loaded checkpoint, with its tooltips."""
+    from comfy_api.latest import io
+
+    inputs = [io.Model.Input("model", tooltip=model), io.Clip.Input("clip", tooltip=clip)]
+    return inputs + ([io.Vae.Input("vae", tooltip=vae)] if vae is not None else [])
 
 
 # ---------------------------------------------------------------------------------------------- embeddings in prompts

@@ -27,7 +27,15 @@ from ..pipelines.face.types import FaceSet
 from ..pipelines.textual_inversion.backend import FAMILY_NAMES
 from ..utils.files import BadNameError, sanitize_name
 from . import model_folders
-from .common import RerunCache, comfy_hooks, embedding_family, file_state, image_digest, named_file_fingerprint
+from .common import (
+    RerunCache,
+    checkpoint_inputs,
+    comfy_hooks,
+    embedding_family,
+    file_state,
+    image_digest,
+    named_file_fingerprint,
+)
 from .loss_curve import loss_curve_image
 from .ti_comfy_backend import ComfyTIBackend
 from .types import Faces
@@ -88,9 +96,11 @@ class CrossInitialization(io.ComfyNode):
             "models/embeddings/<name>.safetensors; use 'embedding:<name>' in any prompt of the same family. 'fast' takes 25 steps, "
             "'full' 320. On SDXL both text encoders get the two tokens (clip_l and clip_g in the file).",
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.x, SD2.x or SDXL family: SDXL, Pony, Illustrious, SSD-1B, Vega, KOALA). It stays frozen; LoRAs and patches on it apply during training."),
-                io.Clip.Input("clip", tooltip="The same checkpoint's CLIP. The embedding is learned for its text encoders (clip_l for SD1, clip_h for SD2, clip_l and clip_g for SDXL)."),
-                io.Vae.Input("vae", tooltip="The checkpoint's VAE, used once to encode the photos."),
+                *checkpoint_inputs(
+                    model="The checkpoint's MODEL (SD1.x, SD2.x or SDXL family: SDXL, Pony, Illustrious, SSD-1B, Vega, KOALA). It stays frozen; LoRAs and patches on it apply during training.",
+                    clip="The same checkpoint's CLIP. The embedding is learned for its text encoders (clip_l for SD1, clip_h for SD2, clip_l and clip_g for SDXL).",
+                    vae="The checkpoint's VAE, used once to encode the photos.",
+                ),
                 io.Image.Input("image", tooltip="One or more photos of the same person (a batch). Centre-cropped to a square. Ignored when 'faces' is connected."),
                 Faces.Input("faces", optional=True, tooltip="Optional: faces from Detect Faces. Their aligned FFHQ-style 512 crops are used instead of the photos, usually better for full-body photos."),
                 io.String.Input("name", default="my_face", tooltip="Embedding name: the file is models/embeddings/<name>.safetensors and prompts use embedding:<name>. No folders; spaces become '_'."),

@@ -2,7 +2,9 @@
 
 Math: ``pipelines/personamagic``; ComfyUI glue: ``personamagic_comfy.py``. The apply node's CONDITIONING holds
 one entry per stage / timestep bin (ComfyUI's start/end percents), its MODEL a V-path ``attn2_patch``, so any
-sampler runs it and other packs' patches stack with it.
+sampler runs it and other packs' patches stack with it. SD1.x, SD2.x and SDXL: on SDXL the mapper's tokens go into
+CLIP-L and CLIP-G, the V path acts on the 2048-wide context, and each entry carries its pooled CLIP-G output. A
+file names the family it was trained on; applying it with another family's checkpoint is refused.
 """
 from __future__ import annotations
 
@@ -19,22 +21,33 @@ import comfy.model_management as mm
 
 from ..pipelines.cross_init import prepare_images
 from ..pipelines.face.align import arcface_matrix
-from ..pipelines.personamagic.apply import DEFAULT_BINS, build_schedule, value_patch_for
-from ..pipelines.personamagic.contexts import DEFAULT_TRIGGER, check_trigger
+from ..pipelines.personamagic.apply import DEFAULT_BINS, schedule_for, value_patch_for
+from ..pipelines.personamagic.contexts import DEFAULT_TRIGGER, KVText, check_trigger
 from ..pipelines.personamagic.files import PersonaMagicFile, load_personamagic, save_personamagic
 from ..pipelines.personamagic.stages import bins_for_visited
 from ..pipelines.personamagic.train import FaceGuidance, PersonaMagicRun, PersonaMagicSettings
+from ..pipelines.textual_inversion.backend import FAMILY_NAMES
 from ..utils.files import BadNameError, sanitize_name
 from . import model_folders
-from .common import RerunCache, check_prompt_embeddings, comfy_hooks, file_state, image_digest, named_file_fingerprint
+from .common import (
+    RerunCache,
+    check_prompt_embeddings,
+    checkpoint_inputs,
+    comfy_hooks,
+    file_state,
+    image_digest,
+    named_file_fingerprint,
+    require_family,
+)
 from .controls import blend, check_range, range_inputs, schedule
 from .loss_curve import loss_curve_image
 from .personamagic_comfy import (
     ComfyPersonaMagicBackend,
     autograd_copy,
+    conditioning_entry,
     conditioning_from_entries,
     image_embeddings,
-    single_tower,
+    text_towers,
     visited_timesteps,
     with_value_patch,
 )
@@ -87,14 +100,17 @@ class PersonaMagicTrain(io.ComfyNode):
             node_id="FaceBoothPersonaMagicTrain",
             display_name="PersonaMagic Train",
             category=CATEGORY,
-            description="Learns a PersonaMagic mapper for the face in one photo on the loaded SD1.x / SD2.x checkpoint: "
-            "4 timestep-dependent tokens (and a V-path bypass from the CLIP image embedding) in the dynamic stage, masked "
-            "denoising loss, Tandem Equilibrium and, with a PyTorch ArcFace, the identity loss. Writes "
-            "models/facebooth/personamagic/<name>.safetensors. Official recipe: 1000 steps, batch 2, lr 1e-4.",
+            description="Learns a PersonaMagic mapper for the face in one photo on the loaded SD1.x / SD2.x / SDXL-family "
+            "checkpoint: 4 timestep-dependent tokens (and a V-path bypass from the CLIP image embedding) in the dynamic stage, "
+            "masked denoising loss, Tandem Equilibrium and, with a PyTorch ArcFace, the identity loss. On SDXL the tokens go "
+            "into both text encoders (CLIP-L and CLIP-G). Writes models/facebooth/personamagic/<name>.safetensors, which "
+            "names the family it works with. Official recipe: 1000 steps, batch 2, lr 1e-4.",
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.x or SD2.x). It stays frozen; only the small mapper learns."),
-                io.Clip.Input("clip", tooltip="The same checkpoint's CLIP (its text encoder is run by FaceBooth so gradients can pass)."),
-                io.Vae.Input("vae", tooltip="The checkpoint's VAE: encodes the photo, and decodes x̂0 for the identity loss."),
+                *checkpoint_inputs(
+                    model="The checkpoint's MODEL (SD1.x, SD2.x or SDXL family). It stays frozen; only the small mapper learns.",
+                    clip="The same checkpoint's CLIP (its text encoders are run by FaceBooth so gradients can pass).",
+                    vae="The checkpoint's VAE: encodes the photo, and decodes x̂0 for the identity loss.",
+                ),
                 io.Image.Input("image", tooltip="A photo of the person (PersonaMagic works from one; a batch of the same person also works). Centre-cropped to a square."),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP vision model (ViT-L/14 or ViT-H/14) for the image embedding that drives the V-path bypass. Use the same one when applying."),
                 FaceAnalyzerType.Input("face_analyzer", optional=True, tooltip="Optional face analyzer: gives the face mask for the masked loss and the IoU stages, and (PyTorch ArcFace) the identity loss. Without it the loss covers the whole image."),
@@ -106,7 +122,7 @@ class PersonaMagicTrain(io.ComfyNode):
                 io.Int.Input("warmup_steps", default=100, min=1, max=5000, tooltip="IoU partition only: steps over the whole schedule before the stages are measured."),
                 io.Float.Input("identity_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of λ_id(t)·(1 − cos) (needs a PyTorch ArcFace in the face analyzer). 0 turns it off (it decodes through the VAE each step, the slowest part)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip="Seed for the mapper's init, timesteps, noise and templates."),
-                io.Int.Input("resolution", default=512, min=64, max=1024, step=64, tooltip="Training resolution (512 for SD1.x)."),
+                io.Int.Input("resolution", default=512, min=64, max=1024, step=64, tooltip="Training resolution (512 for SD1.x, 1024 for SDXL)."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name. Off: stop with an error."),
             ],
             outputs=[
@@ -184,7 +200,7 @@ class PersonaMagicTrain(io.ComfyNode):
         written = _WRITTEN.put(
             path, key, objects, load_personamagic(path),
             curve=loss_curve_image(losses, title=f"PersonaMagic '{safe}'"),
-            summary=f"{len(losses)} steps, final loss {losses[-1]:.4f}, dynamic stage [{result.plan.t_low}, {result.plan.t_high}] ({result.plan.source})",
+            summary=f"{FAMILY_NAMES.get(backend.family, backend.family)}, {len(losses)} steps, final loss {losses[-1]:.4f}, dynamic stage [{result.plan.t_low}, {result.plan.t_high}] ({result.plan.source})",
         )
         log.info("FaceBooth: wrote %s (%s)", path, written.summary)
         return cls._output(written)
@@ -227,10 +243,13 @@ class PersonaMagicApply(io.ComfyNode):
             description="Turns a prompt with the trigger word into stage-regulated conditioning: the supercategory prompt "
             "('face') early in sampling, the mapper's tokens in the dynamic stage (one entry per timestep bin, via ComfyUI's "
             "timestep ranges), the tokens frozen at the stage's end afterwards; and a MODEL whose cross-attention takes V from "
-            "the bypass context. Works with any sampler; stacks with other packs' model patches.",
+            "the bypass context. Works with any sampler; stacks with other packs' model patches. SD1.x, SD2.x and SDXL "
+            "(each entry then carries its pooled CLIP-G output); the checkpoint must be of the family the mapper was trained on.",
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL to sample with (may already carry other identity packs' patches; they are kept)."),
-                io.Clip.Input("clip", tooltip="The checkpoint's CLIP (the same model family the mapper was trained on)."),
+                *checkpoint_inputs(
+                    model="The MODEL to sample with (may already carry other identity packs' patches; they are kept).",
+                    clip="The checkpoint's CLIP (the same model family the mapper was trained on).",
+                ),
                 PersonaMagicType.Input("personamagic", tooltip="From PersonaMagic Train or PersonaMagic Load."),
                 io.String.Input("prompt", multiline=True, default=f"a photo of {DEFAULT_TRIGGER} wearing a santa hat", tooltip="The prompt; the trigger word marks where the person goes. One 77-token chunk; no (word:weight) syntax."),
                 io.String.Input("trigger_word", default=DEFAULT_TRIGGER, tooltip="The word in the prompt that stands for the person (replaced by the 4 learned tokens, or by 'face' early in sampling)."),
@@ -260,12 +279,13 @@ class PersonaMagicApply(io.ComfyNode):
         check_prompt_embeddings(clip, prompt, "PersonaMagic Apply")
         check_range(start_at, end_at)
         pm = personamagic
+        check_family(pm, model, clip)
         device = mm.text_encoder_device()
-        tower = single_tower(clip, device=device)
-        if tower.dim != pm.mapper.config.word_dim:
+        text = KVText([(t.encoder, t.tokenizer) for t in text_towers(clip, device=device)])
+        if sum(text.dims) != pm.mapper.config.word_dim:
             raise ValueError(
                 f"This PersonaMagic mapper was trained for {pm.mapper.config.word_dim}-wide text embeddings ({pm.family}) "
-                f"but the CLIP gives {tower.dim}: use the checkpoint it was trained on."
+                f"but the CLIP gives {sum(text.dims)}: use the checkpoint it was trained on."
             )
         embed = pm.image_embed
         if image is not None and clip_vision is not None:
@@ -284,17 +304,19 @@ class PersonaMagicApply(io.ComfyNode):
             runs = bins_for_visited(pm.plan, visited_timesteps(model, sigmas))
         with torch.inference_mode(False):
             mapper = copy.deepcopy(pm.mapper).to(device)  # the loaded object is shared by cached outputs
-            entries = build_schedule(
-                tower.encoder, tower.tokenizer, mapper, prompt, trigger_word, pm.plan,
+            entries = schedule_for(
+                text, mapper, prompt, trigger_word, pm.plan,
                 None if embed is None else embed.to(device), bins=runs, supercategory=pm.supercategory,
             )
-        plain_key = entries[0].key  # stage 1: the prompt with the supercategory word, no identity
-        plain = [[plain_key.clone(), {}]]
+        plain_key, plain_pooled = entries[0].key, entries[0].pooled  # stage 1: the supercategory word, no identity
+        plain = [conditioning_entry(plain_key, plain_pooled)]
         if strength == 0.0:
             log.info("FaceBooth: PersonaMagic strength 0: the plain prompt and the unpatched MODEL")
             return io.NodeOutput(model, plain)
         if strength != 1.0:
-            entries = [replace(e, key=blend(e.key, plain_key, strength), value=blend(e.value, plain_key, strength)) for e in entries]
+            entries = [replace(e, key=blend(e.key, plain_key, strength), value=blend(e.value, plain_key, strength),
+                               pooled=None if e.pooled is None else blend(e.pooled, plain_pooled, strength))
+                       for e in entries]
         conditioning = schedule(conditioning_from_entries(model, entries), plain, start_at, end_at, attn_mask)
         out_model = model
         if v_path and pm.mapper.config.output_bypass:
@@ -302,6 +324,16 @@ class PersonaMagicApply(io.ComfyNode):
         log.info("FaceBooth: PersonaMagic conditioning with %d entries (dynamic stage [%d, %d], %d bins)",
                  len(conditioning), pm.plan.t_low, pm.plan.t_high, sum(e.stage == 2 for e in entries))
         return io.NodeOutput(out_model, conditioning)
+
+
+def check_family(pm: PersonaMagicFile, model, clip) -> None:
+    """A mapper works only with checkpoints of the family it was trained on (its file says which)."""
+    trained = FAMILY_NAMES.get(pm.family, pm.family)
+    require_family(
+        "This PersonaMagic mapper", (pm.family,) if pm.family in FAMILY_NAMES else ("sd1", "sd2", "sdxl"), model=model,
+        clip=clip, advice=f"It was trained on an {trained} checkpoint: apply it with an {trained} checkpoint's MODEL and "
+        f"CLIP, or train a mapper for this checkpoint with PersonaMagic Train.",
+    )
 
 
 NODES = [PersonaMagicTrain, PersonaMagicLoad, PersonaMagicApply]

@@ -5,7 +5,10 @@
   per-call transformer options), to probe the placeholder's attention maps (``attn2_replace`` on every
   transformer block, only while measuring IoU) and to decode x̂0 with gradients (identity loss).
 * ``conditioning_from_entries``: one CONDITIONING entry per stage / timestep bin, with start/end percents
-  from the MODEL's own ``model_sampling``.
+  from the MODEL's own ``model_sampling`` and, on SDXL, the entry's pooled CLIP-G output (ComfyUI's SDXL model
+  builds ``y`` from it and the size/crop values with its own ``encode_adm``, as for a CLIPTextEncode).
+* ``text_towers``: autograd-safe copies of the CLIP's towers in context order (SDXL: CLIP-L, then CLIP-G with
+  its pooled output).
 * ``with_value_patch``: a clone of the MODEL with the V-path patch appended to its ``attn2_patch`` list, so
   patches already on it (other identity packs) keep running.
 """
@@ -24,9 +27,9 @@ from ..pipelines.personamagic.apply import ScheduleEntry
 from ..pipelines.personamagic.attention import KVCond
 from ..pipelines.personamagic.stages import ScheduleRange, timestep_ranges_to_percents
 from ..pipelines.personamagic.vpath import ValuePathPatch
-from ..pipelines.textual_inversion.backend import TextTower
-from .common import require_family
-from .ti_comfy_backend import ComfyTIBackend, UnsupportedModelError, clip_tower_keys, text_tower_from_clip
+from ..pipelines.textual_inversion.backend import FAMILY_KEYS, TextTower
+from .common import clip_family, require_family
+from .ti_comfy_backend import ComfyTIBackend, UnsupportedModelError, text_tower_from_clip
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +42,21 @@ def autograd_copy(module: torch.nn.Module) -> torch.nn.Module:
         return copy.deepcopy(module).requires_grad_(False).eval()
 
 
-def single_tower(clip, dtype: torch.dtype = torch.float32, device=None) -> TextTower:
-    """The autograd-safe text tower of an SD1.x / SD2.x CLIP (PersonaMagic's tokens live in one tower)."""
-    keys = clip_tower_keys(clip)
-    if keys not in (("clip_l",), ("clip_h",)):
-        raise UnsupportedModelError(
-            f"PersonaMagic needs an SD1.x (clip_l) or SD2.x (clip_h) CLIP; this one holds {list(keys) or 'no CLIP tower'}."
-        )
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def text_towers(clip, dtype: torch.dtype = torch.float32, device=None) -> list[TextTower]:
+    """Autograd-safe copies of the CLIP's text towers in the order of the UNet's context (SD1.x: CLIP-L; SD2.x:
+    OpenCLIP-H; SDXL: CLIP-L, then CLIP-G with its pooled output)."""
+    require_family("PersonaMagic", FAMILIES, clip=clip)
+    family = clip_family(clip)
+    if family is None:
+        raise ValueError("PersonaMagic needs the CLIP of an SD1.x, SD2.x or SDXL checkpoint; this CLIP holds none of their text encoders.")
     mm.load_models_gpu([clip.load_model()], force_patch_weights=True)  # LoRA patches on the CLIP are in its weights
+    sd = clip.get_sd()
     with torch.inference_mode(False):
-        return text_tower_from_clip(clip, keys[0], clip.get_sd(), dtype=dtype, device=device)
+        return [text_tower_from_clip(clip, k, sd, dtype=dtype, device=device, pooled=(k == "clip_g"))
+                for k in FAMILY_KEYS[family]]
 
 
 def image_embeddings(clip_vision, images: torch.Tensor) -> torch.Tensor:
@@ -83,12 +91,17 @@ def percent_ranges(model, entries: Sequence[ScheduleEntry]) -> list[ScheduleRang
     return timestep_ranges_to_percents([(e.t_min, e.t_max) for e in entries], sigma_of, ms.percent_to_sigma, n)
 
 
+def conditioning_entry(key: torch.Tensor, pooled: Optional[torch.Tensor] = None, **options) -> list:
+    """One CONDITIONING entry: the context, and on SDXL its pooled output (ComfyUI's key for it)."""
+    if pooled is not None:
+        options["pooled_output"] = pooled.clone()
+    return [key.clone(), options]
+
+
 def conditioning_from_entries(model, entries: Sequence[ScheduleEntry]) -> list:
-    """CONDITIONING: one [key context, {start_percent, end_percent}] per entry, ordered from noisy to clean."""
-    out = []
-    for entry, rng in zip(entries, percent_ranges(model, entries)):
-        out.append([entry.key.clone(), {"start_percent": rng.start_percent, "end_percent": rng.end_percent}])
-    return out
+    """CONDITIONING: one [key context, {start_percent, end_percent(, pooled_output)}] per entry, noisy to clean."""
+    return [conditioning_entry(e.key, e.pooled, start_percent=r.start_percent, end_percent=r.end_percent)
+            for e, r in zip(entries, percent_ranges(model, entries))]
 
 
 def with_value_patch(model, patch: ValuePathPatch):
@@ -99,11 +112,11 @@ def with_value_patch(model, patch: ValuePathPatch):
 
 def transformer_blocks(diffusion_model) -> list[tuple[str, int]]:
     """ComfyUI's ``transformer_options['block']`` names of the UNet blocks that hold cross-attention."""
-    def has_transformer(block) -> bool:
-        return any(isinstance(m, comfy_attention.SpatialTransformer) for m in block.modules())
+    def has_transformer(block) -> bool:  # None: KOALA-style SDXL UNets have no middle block
+        return block is not None and any(isinstance(m, comfy_attention.SpatialTransformer) for m in block.modules())
 
     names = [("input", i) for i, b in enumerate(diffusion_model.input_blocks) if has_transformer(b)]
-    if has_transformer(diffusion_model.middle_block):
+    if has_transformer(getattr(diffusion_model, "middle_block", None)):
         names.append(("middle", 0))
     names += [("output", i) for i, b in enumerate(diffusion_model.output_blocks) if has_transformer(b)]
     return names
@@ -129,10 +142,8 @@ class ComfyPersonaMagicBackend(ComfyTIBackend):
     supports_kv = True
 
     def __init__(self, model, clip, vae, **kwargs):
-        require_family("PersonaMagic", ("sd1", "sd2"), model=model, clip=clip)  # before any tower is built
+        require_family("PersonaMagic", FAMILIES, model=model, clip=clip)  # before any tower is built
         super().__init__(model, clip, vae, **kwargs)
-        if self.family not in ("sd1", "sd2"):
-            raise UnsupportedModelError("PersonaMagic supports SD1.x and SD2.x checkpoints")
         self._kv: Optional[KVCond] = None
         self._decoder: Optional[torch.nn.Module] = None
         self._blocks = transformer_blocks(self.model.diffusion_model)
@@ -141,8 +152,9 @@ class ComfyPersonaMagicBackend(ComfyTIBackend):
         if not isinstance(cond, KVCond):
             return super().predict(noisy_latents, timesteps, cond)
         self._kv = cond
+        context = cond.key if cond.pooled is None else {"c_crossattn": cond.key, "pooled_output": cond.pooled}
         try:
-            return super().predict(noisy_latents, timesteps, cond.key)
+            return super().predict(noisy_latents, timesteps, context)
         finally:
             self._kv = None
 

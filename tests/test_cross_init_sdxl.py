@@ -140,7 +140,3 @@ def test_sd1_only_methods_refuse_sdxl_before_sampling_naming_both_families(sdxl)
         PortraitBoothConditioning.execute(None, clip, None, "a photo of a man", "man")
     with pytest.raises(Exception, match=r"SD1.x .*this CLIP is SDXL.*Cross Initialization"):
         sd1_text_model(clip)
-    from facebooth.nodes.personamagic_comfy import ComfyPersonaMagicBackend
-
-    with pytest.raises(WrongFamilyError, match=r"PersonaMagic works with SD1.x or SD2.x .*this MODEL is SDXL.*Cross Initialization"):
-        ComfyPersonaMagicBackend(model, clip, None)

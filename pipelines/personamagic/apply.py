@@ -16,6 +16,9 @@ max 5.0 % / mean 1.8 % relative L2 error, K and V contexts (rows from the first 
 mean 0.36 %; for scale, one bin for the whole stage (no dynamics at all) gives 38 % / 26 % and 7.7 % / 5.6 %.
 50 bins roughly doubles and 200 bins halves the error; ``bins`` = stage width (401) is exact, and so is the
 apply node with the sampler's SIGMAS connected (``stages.bins_for_visited``: one entry per visited timestep).
+
+SDXL: the same with ``contexts.KVText`` over CLIP-L and CLIP-G (``schedule_for``); every entry also carries the
+pooled CLIP-G output of its K prompt, from which the host builds the UNet's ``y`` for that timestep range.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..text_encoder import CLIPTextEncoder, PromptTokenizer
-from .contexts import PromptCache, encode_kv, expand_trigger, internal_placeholders, supercategory_prompt
+from .contexts import KVContexts, KVText, expand_trigger, internal_placeholders, supercategory_prompt
 from .mapper import PersonaMagicMapper
 from .stages import StagePlan, TimestepBin, dynamic_bins
 from .vpath import ValuePathPatch
@@ -41,37 +44,35 @@ class ScheduleEntry:
     rep: Optional[int]  # the timestep the mapper was evaluated at (None for stage 1)
     key: torch.Tensor  # (1, L, D) the conditioning tensor (K context)
     value: torch.Tensor  # (1, L, D) the V context (equals key in stage 1)
+    pooled: Optional[torch.Tensor] = None  # (1, 1280) SDXL: the K prompt's pooled CLIP-G output
 
 
 @torch.no_grad()
 def mapper_contexts(
-    encoder: CLIPTextEncoder,
-    tokenizer: PromptTokenizer,
+    text: KVText,
     mapper: PersonaMagicMapper,
     prompt: str,
     trigger: str,
     timesteps: Sequence[int],
     image_embed: Optional[torch.Tensor],
-    cache: Optional[PromptCache] = None,
     bypass: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> KVContexts:
     """K and V contexts (len(timesteps), L, D) of ``prompt`` with the mapper's tokens at each timestep."""
     n = mapper.config.token_num
-    text = expand_trigger(prompt, trigger, n)
-    device = encoder.embeddings.token_embedding.weight.device
-    t = torch.tensor(list(timesteps), dtype=torch.long, device=device)
+    t = torch.tensor(list(timesteps), dtype=torch.long, device=text.device)
     out = mapper(t, image_embed if mapper.config.output_bypass else None)
-    ctx = encode_kv(
-        encoder, *(cache or PromptCache(tokenizer))([text] * len(t), internal_placeholders(n), device),
-        base=out.base, bypass=out.bypass if bypass else None,
-    )
-    return ctx.key, ctx.value
+    prompts = [expand_trigger(prompt, trigger, n)] * len(t)
+    return text.encode(prompts, internal_placeholders(n), out.base, out.bypass if bypass else None)
+
+
+def build_schedule(encoder: CLIPTextEncoder, tokenizer: PromptTokenizer, *args, **kwargs) -> list[ScheduleEntry]:
+    """``schedule_for`` with one text encoder (SD1.x, SD2.x); the other arguments are ``schedule_for``'s."""
+    return schedule_for(KVText([(encoder, tokenizer)]), *args, **kwargs)
 
 
 @torch.no_grad()
-def build_schedule(
-    encoder: CLIPTextEncoder,
-    tokenizer: PromptTokenizer,
+def schedule_for(
+    text: KVText,
     mapper: PersonaMagicMapper,
     prompt: str,
     trigger: str,
@@ -87,24 +88,29 @@ def build_schedule(
     ``bins``: a count (uniform bins, ``dynamic_bins``) or explicit bins (``bins_for_visited``).
     """
     mapper = mapper.eval()
-    cache = PromptCache(tokenizer)
-    device = encoder.embeddings.token_embedding.weight.device
     entries: list[ScheduleEntry] = []
-    ids, slots = cache([supercategory_prompt(prompt, trigger, supercategory)], [], device)
-    static = encoder(ids).last_hidden_state
-    entries.append(ScheduleEntry(1, plan.t_high + 1, plan.num_timesteps - 1, None, static.cpu(), static.cpu()))
+    static, static_pooled = text.encode_plain([supercategory_prompt(prompt, trigger, supercategory)])
+    entries.append(ScheduleEntry(1, plan.t_high + 1, plan.num_timesteps - 1, None, static.cpu(), static.cpu(),
+                                 None if static_pooled is None else static_pooled.cpu()))
     runs = dynamic_bins(plan, bins) if isinstance(bins, int) else list(bins)
     reps = [b.rep for b in runs] + [plan.t_low]  # the last one is the frozen stage-3 embedding
-    keys, values = [], []
+    keys, values, pooled = [], [], []
     for start in range(0, len(reps), batch):
-        k, v = mapper_contexts(encoder, tokenizer, mapper, prompt, trigger, reps[start : start + batch], image_embed, cache, bypass)
-        keys.append(k.cpu())
-        values.append(v.cpu())
+        ctx = mapper_contexts(text, mapper, prompt, trigger, reps[start : start + batch], image_embed, bypass)
+        keys.append(ctx.key.cpu())
+        values.append(ctx.value.cpu())
+        if ctx.pooled is not None:
+            pooled.append(ctx.pooled.cpu())
     keys_all, values_all = torch.cat(keys), torch.cat(values)
-    for i, b in enumerate(runs):
-        entries.append(ScheduleEntry(2, b.first, b.last, b.rep, keys_all[i : i + 1], values_all[i : i + 1]))
+    pooled_all = torch.cat(pooled) if pooled else None
+
+    def entry(stage: int, first: int, last: int, rep: int, i: int) -> ScheduleEntry:
+        return ScheduleEntry(stage, first, last, rep, keys_all[i : i + 1], values_all[i : i + 1],
+                             None if pooled_all is None else pooled_all[i : i + 1])
+
+    entries += [entry(2, b.first, b.last, b.rep, i) for i, b in enumerate(runs)]
     if plan.t_low > 0:
-        entries.append(ScheduleEntry(3, 0, plan.t_low - 1, plan.t_low, keys_all[-1:], values_all[-1:]))
+        entries.append(entry(3, 0, plan.t_low - 1, plan.t_low, len(reps) - 1))
     return entries
 
 
@@ -135,19 +141,17 @@ def quantization_error(
     runs = dynamic_bins(plan, bins) if isinstance(bins, int) else list(bins)
     ts = list(range(plan.t_low, plan.t_high + 1, stride))
     rep_of = {t: next(b.rep for b in runs if b.first <= t <= b.last) for t in ts}
-    cache = PromptCache(tokenizer)
+    text = KVText([(encoder, tokenizer)])
     errs: dict[str, list[float]] = {"key": [], "value": [], "tokens": []} if contexts else {"tokens": []}
     first_slot = None
     for start in range(0, len(ts), batch):
         chunk = ts[start : start + batch]
         if contexts:
-            k, v = mapper_contexts(encoder, tokenizer, mapper, prompt, trigger, chunk, image_embed, cache)
-            kq, vq = mapper_contexts(encoder, tokenizer, mapper, prompt, trigger, [rep_of[t] for t in chunk], image_embed, cache)
+            exact = mapper_contexts(text, mapper, prompt, trigger, chunk, image_embed)
+            binned = mapper_contexts(text, mapper, prompt, trigger, [rep_of[t] for t in chunk], image_embed)
             if first_slot is None:
-                text = expand_trigger(prompt, trigger, mapper.config.token_num)
-                _, slots = cache([text], internal_placeholders(mapper.config.token_num), "cpu")
-                first_slot = int((slots[0] >= 0).nonzero()[0])
-            for name, a, b in (("key", k, kq), ("value", v, vq)):
+                first_slot = int((exact.slot_ids[0] >= 0).nonzero()[0])
+            for name, a, b in (("key", exact.key, binned.key), ("value", exact.value, binned.value)):
                 a, b = a[:, first_slot:], b[:, first_slot:]
                 errs[name] += ((b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)).tolist()
         dev = next(mapper.parameters()).device

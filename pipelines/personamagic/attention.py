@@ -1,7 +1,7 @@
 """Cross-attention pieces shared by the hosts: K/V conditioning for training and the attention probe.
 
-* ``KVCond``: what PersonaMagic hands a backend's ``predict``: the K context, the V context and an optional
-  probe. Backends that support it (``DiffusersKVBackend`` here, the ComfyUI one in ``nodes/``) route V to
+* ``KVCond``: what PersonaMagic hands a backend's ``predict``: the K context, the V context, an optional
+  probe and (SDXL) the pooled output. Backends that support it (``DiffusersKVBackend`` here, the ComfyUI one in ``nodes/``) route V to
   every cross-attention's ``to_v``; plain backends get K only when V equals K.
 * ``AttentionProbe``: records the cross-attention map of the placeholder tokens (for the IoU stage
   partition). Its ``__call__`` has ComfyUI's ``attn2_replace`` signature ``(q, k, v, extra_options)``
@@ -26,6 +26,7 @@ class KVCond:
     key: torch.Tensor  # (B, L, D)
     value: torch.Tensor  # (B, L, D)
     probe: Optional["AttentionProbe"] = None
+    pooled: Optional[torch.Tensor] = None  # (B, 1280): SDXL's pooled CLIP-G output, for the UNet's y
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ Layout and constants follow the official code (xzhe-Vision/PersonaMagic, NeTI-ba
   span the dynamic stage: with the IoU stage partition they follow the stage found (``set_anchors``);
 * ``timestep_proj``: Linear → LayerNorm → LeakyReLU, twice, to a 128-d time feature;
 * base tokens: ``output_layer`` Linear(128 → N·D), plus the supercategory word embedding, then each row
-  renormalised to that word's norm (``target_norm``);
+  renormalised to that word's norm (``target_norm``). SDXL (``word_dims`` = (768, 1280)): D = 2048 is the
+  CLIP-L row then the CLIP-G row of each token, each renormalised to its own encoder's "face" norm;
 * bypass: ``image_proj`` (same MLP shape) on [time feature, CLIP image embedding], then
   ``image_output_layer`` Linear(128 → N·D). Training zeroes it for half the samples.
 
@@ -36,7 +37,7 @@ from torch import nn
 @dataclass(frozen=True)
 class MapperConfig:
     token_num: int = 4  # placeholder tokens the mapper fills (official: <new1>…<new4>)
-    word_dim: int = 768  # text-encoder width (CLIP-L 768, OpenCLIP-H 1024)
+    word_dim: int = 768  # text-encoder width (CLIP-L 768, OpenCLIP-H 1024; SDXL 2048 = CLIP-L ‖ CLIP-G)
     time_dim: int = 2048  # sinusoidal time-code width
     num_anchors: int = 200  # rows of input_layer, initialised at anchor timesteps
     anchor_start: int = 400
@@ -46,8 +47,13 @@ class MapperConfig:
     output_bypass: bool = True
     max_period: float = 10000.0
     leaky_slope: float = 0.01  # torch's LeakyReLU default, as the official nn.LeakyReLU()
+    word_dims: Optional[tuple[int, ...]] = None  # several text encoders (SDXL: (768, 1280)), in context order
 
     def __post_init__(self) -> None:
+        if self.word_dims is not None:
+            object.__setattr__(self, "word_dims", tuple(int(d) for d in self.word_dims))  # JSON gives a list
+            if sum(self.word_dims) != self.word_dim:
+                raise ValueError(f"the encoders' widths {self.word_dims} do not add up to word_dim {self.word_dim}")
         if self.time_dim % 2:
             raise ValueError(f"time_dim must be even (cos and sin halves), got {self.time_dim}")
         if self.num_anchors < 1 or self.anchor_end <= self.anchor_start:
@@ -114,7 +120,8 @@ class PersonaMagicMapper(nn.Module):
             self.image_output_layer = nn.Sequential(nn.Linear(c.hidden_dim, c.token_num * c.word_dim))
         word = word_embedding.detach().float().clone()
         self.register_buffer("word_embedding", word, persistent=False)
-        self.register_buffer("target_norm", word.norm(), persistent=False)
+        norm = word.norm() if c.word_dims is None else torch.stack([w.norm() for w in word.split(list(c.word_dims))])
+        self.register_buffer("target_norm", norm, persistent=False)
 
     @torch.no_grad()
     def set_anchors(self, start: int, end: int) -> None:
@@ -145,7 +152,12 @@ class PersonaMagicMapper(nn.Module):
         b = t.shape[0]
         feat = self.time_feature(t)
         base = self.output_layer(feat).view(b, c.token_num, c.word_dim) + self.word_embedding.to(feat.dtype)
-        base = F.normalize(base, dim=-1) * self.target_norm.to(feat.dtype)
+        norm = self.target_norm.to(feat.dtype)
+        if c.word_dims is None:
+            base = F.normalize(base, dim=-1) * norm
+        else:  # each encoder's part of the row keeps that encoder's "face" norm
+            parts = base.split(list(c.word_dims), dim=-1)
+            base = torch.cat([F.normalize(p, dim=-1) * n for p, n in zip(parts, norm)], dim=-1)
         bypass = None
         if c.output_bypass:
             if image_embeds is None:

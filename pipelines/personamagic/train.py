@@ -14,6 +14,10 @@ Stages: ``stages="official"`` trains in the fixed [400, 800); ``stages="iou"`` f
 over the whole schedule, then measures the placeholder's cross-attention IoU with the face mask on a grid of
 timesteps and partitions with λ1 = 0.7, λ2 = 0.8 (``stages.partition_by_iou``), then trains in the dynamic
 stage for the remaining steps.
+
+SDXL: the tokens go into both text encoders (``contexts.KVText``), the Tandem Equilibrium term is the mean over
+the two encoders' attention, and the UNet also gets ``y`` from the K prompt's pooled CLIP-G output (the backend
+builds it with the model's own size/crop embedding).
 """
 from __future__ import annotations
 
@@ -26,11 +30,11 @@ import torch
 
 from ..cross_init import prepare_images
 from ..runtime import NO_HOOKS, RunHooks
-from ..textual_inversion.backend import TIBackend
+from ..textual_inversion.backend import FAMILY_KEYS, TextTower, TIBackend
 from ..textual_inversion.engine import TextualInversionEngine, TIConfig, TIResult
 from .attention import AttentionProbe, KVCond
 from .backends import predict_kv
-from .contexts import SUPERCATEGORY, PromptCache, encode_kv, internal_placeholders, supercategory_embedding
+from .contexts import SUPERCATEGORY, KVText, encode_kv, internal_placeholders
 from .losses import TE_TEMPERATURE, TE_WEIGHT, identity_loss, mask_to_latent, masked_mse, prompt_token_mask, tandem_equilibrium_loss
 from .mapper import MapperConfig, MapperOutput, PersonaMagicMapper
 from .stages import LAMBDA_1, LAMBDA_2, PRESETS, StagePlan, attention_mask_iou, partition_by_iou
@@ -160,8 +164,6 @@ class PersonaMagicEngine(TextualInversionEngine):
         hooks: RunHooks = NO_HOOKS,
     ):
         settings.validate()
-        if len(backend.text_encoders) != 1:
-            raise NotImplementedError("PersonaMagic supports single-text-encoder models (SD1.x, SD2.x)")
         n = embeddings.mapper.config.token_num
         self.token_text = " ".join(internal_placeholders(n))
         super().__init__(
@@ -170,8 +172,10 @@ class PersonaMagicEngine(TextualInversionEngine):
         )
         self.settings = settings
         self.guidance = guidance = guidance if guidance is not None else FaceGuidance()
-        self.tower = backend.text_encoders[0]
-        self.prompt_cache = PromptCache(self.tower.tokenizer)
+        towers = context_towers(backend)
+        self.tower = towers[0]
+        self.text = KVText([(t.encoder, t.tokenizer) for t in towers])
+        self.prompt_cache = self.text.caches[0]
         self.te_prompts = [p.format(self.token_text) for p in TE_PROMPTS]
         T = backend.num_train_timesteps
         self.plan = settings.initial_plan(T)
@@ -230,18 +234,11 @@ class PersonaMagicEngine(TextualInversionEngine):
         amp = torch.autocast("cuda", dtype=self._amp_dtype) if self._amp_dtype is not None else nullcontext()
         out = self.embeddings(timesteps, index, keep)
         with amp:
-            ids, slots = self.prompt_cache(prompts, self.placeholders, self.device)
-            ctx = encode_kv(self.tower.encoder, ids, slots, out.base, out.bypass)
-            pred = predict_kv(backend, noisy, timesteps, KVCond(ctx.key, ctx.value))
+            ctx = self.text.encode(prompts, self.placeholders, out.base, out.bypass)
+            pred = predict_kv(backend, noisy, timesteps, KVCond(ctx.key, ctx.value, pooled=ctx.pooled))
             te = noisy.new_zeros((), dtype=torch.float32)
             if s.te_weight:
-                te_ids, te_slots = self.prompt_cache(te_prompts, self.placeholders, self.device)
-                te_ctx = encode_kv(self.tower.encoder, te_ids, te_slots, out.base, None, output_attentions=True)
-                tok = self.tower.tokenizer
-                te = tandem_equilibrium_loss(
-                    te_ctx.attention_probs, te_slots, prompt_token_mask(te_ids, tok.bos_id, tok.eos_id),
-                    weight=s.te_weight, temperature=s.te_temperature,
-                )
+                te = self._tandem_equilibrium(te_prompts, out.base)
         mse = masked_mse(pred, target, self._masks_at(picks, latents.shape[-2:]))
         ident = mse.new_zeros(())
         if self.guidance.has_identity and s.id_weight:
@@ -264,6 +261,18 @@ class PersonaMagicEngine(TextualInversionEngine):
         self._last = (noisy.detach(), timesteps, pred.detach())
         return value
 
+    def _tandem_equilibrium(self, prompts: Sequence[str], base: torch.Tensor) -> torch.Tensor:
+        """TE on each text encoder's last attention layer for the editing prompts; the mean over encoders (SDXL)."""
+        s, terms = self.settings, []
+        for enc, tok, (ids, slots), part in zip(self.text.encoders, self.text.tokenizers,
+                                                self.text.tokens(prompts, self.placeholders), self.text.split(base)):
+            ctx = encode_kv(enc, ids, slots, part, None, output_attentions=True)
+            terms.append(tandem_equilibrium_loss(
+                ctx.attention_probs, slots, prompt_token_mask(ids, tok.bos_id, tok.eos_id),
+                weight=s.te_weight, temperature=s.te_temperature,
+            ))
+        return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
+
     # ------------------------------------------------------------------ IoU stage partition
     @torch.no_grad()
     def measure_ious(self, timesteps: Sequence[int]) -> dict[int, float]:
@@ -275,7 +284,7 @@ class PersonaMagicEngine(TextualInversionEngine):
         count = self._images.shape[0]
         gen = torch.Generator().manual_seed(self.config.seed + 1)
         prompt = [self.prompts[0]]
-        ids, slots = self.prompt_cache(prompt, self.placeholders, self.device)
+        _, slots = self.prompt_cache(prompt, self.placeholders, self.device)
         positions = (slots[0] >= 0).nonzero().flatten()
         self.embeddings.eval()
         out: dict[int, float] = {}
@@ -288,9 +297,10 @@ class PersonaMagicEngine(TextualInversionEngine):
                         noise = torch.randn(lat.shape, generator=gen).to(self.device)
                         tt = torch.tensor([int(t)], device=self.device)
                         emb = self.embeddings(tt, torch.tensor([i], device=self.device))
-                        ctx = encode_kv(self.tower.encoder, ids, slots, emb.base, emb.bypass)
+                        ctx = self.text.encode(prompt, self.placeholders, emb.base, emb.bypass)
                         probe = AttentionProbe(positions)
-                        predict_kv(self.backend, self.backend.add_noise(lat, noise, tt), tt, KVCond(ctx.key, ctx.value, probe))
+                        cond = KVCond(ctx.key, ctx.value, probe, ctx.pooled)
+                        predict_kv(self.backend, self.backend.add_noise(lat, noise, tt), tt, cond)
                         amap = probe.spatial_map(*lat.shape[-2:])[0]
                         scores.append(attention_mask_iou(amap, self.guidance.masks[i]))
                 out[int(t)] = sum(scores) / len(scores)
@@ -318,6 +328,15 @@ class PersonaMagicEngine(TextualInversionEngine):
 
 
 # ---------------------------------------------------------------------------------------------- run
+def context_towers(backend: TIBackend) -> list[TextTower]:
+    """The backend's text towers in the order of the UNet's context (SDXL: CLIP-L, then CLIP-G)."""
+    towers = {t.key: t for t in backend.text_encoders}
+    order = FAMILY_KEYS.get(getattr(backend, "family", ""), ())
+    if len(towers) > 1 and set(order) == set(towers):
+        return [towers[k] for k in order]
+    return list(backend.text_encoders)
+
+
 @dataclass
 class PersonaMagicResult:
     mapper: PersonaMagicMapper
@@ -357,8 +376,9 @@ class PersonaMagicRun:
         self.settings.validate()
         self.backend = backend
         self.pixels = pixels if pixels is not None else prepare_images(images, self.settings.resolution, self.settings.crop)
-        tower = backend.text_encoders[0]
-        word = supercategory_embedding(tower.encoder, tower.tokenizer, self.settings.supercategory)
+        towers = context_towers(backend)
+        text = KVText([(t.encoder, t.tokenizer) for t in towers])
+        word = text.supercategory_embedding(self.settings.supercategory)
         if image_embeds is not None:
             image_embeds = image_embeds.detach().float().reshape(-1, image_embeds.shape[-1])
             if image_embeds.shape[0] not in (1, self.pixels.shape[0]):
@@ -366,7 +386,8 @@ class PersonaMagicRun:
             image_embeds = image_embeds.expand(self.pixels.shape[0], -1)
         plan = self.settings.initial_plan(backend.num_train_timesteps)
         config = MapperConfig(
-            token_num=self.settings.token_num, word_dim=tower.dim, num_anchors=self.settings.num_anchors,
+            token_num=self.settings.token_num, word_dim=sum(text.dims), word_dims=text.word_dims,
+            num_anchors=self.settings.num_anchors,
             anchor_start=plan.t_low, anchor_end=plan.t_high,  # the trained stage (the IoU partition moves them)
             image_dim=image_embeds.shape[-1] if image_embeds is not None else 512,
             output_bypass=image_embeds is not None,
