@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import save_official_pickle
+from . import save_by_suffix
 from ..pipelines.face2diffusion.loading import save_mapping, save_msid
 from ..pipelines.face2diffusion.mapping import F2DMapping, F2DMappingConfig
 from ..pipelines.face2diffusion.msid import MSIDConfig, MSIDEncoder
@@ -73,15 +73,8 @@ def random_mapping(seed: int = 0, config: Optional[F2DMappingConfig] = None) -> 
 
 
 def _write(model: torch.nn.Module, path: PathLike, save_ours, seed: int) -> Path:
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".safetensors", ".sft"):
-        return save_ours(model, path, {"weights": "random", "random_seed": str(seed)})
-    if suffix not in (".pt", ".pth"):
-        raise ValueError(f"Give the file a .pt, .pth or .safetensors suffix, not {path.name!r}.")
-    # The official files are plain state dicts of contiguous CPU tensors, nothing else pickled.
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    return save_official_pickle(state, path)
+    return save_by_suffix(path, model.state_dict,
+                          lambda p: save_ours(model, p, {"weights": "random", "random_seed": str(seed)}))
 
 
 def write_random_msid(path: PathLike, seed: int = 0, config: Optional[MSIDConfig] = None) -> Path:

@@ -12,7 +12,7 @@ from typing import Union
 
 import torch
 
-from . import save_official_pickle
+from . import save_by_suffix
 from ..pipelines.face.parsing import bisenet_class
 from ..utils.files import atomic_save_safetensors
 
@@ -41,11 +41,6 @@ def random_bisenet_state_dict(seed: int = 0, num_classes: int = 19) -> dict[str,
 def write_random_bisenet(path: Union[str, os.PathLike], seed: int = 0) -> Path:
     """Write a random BiSeNet to ``path``: a plain torch state-dict pickle for ``.pth``/``.pt`` (as the official
     file is), safetensors for ``.safetensors``. Either way the write is atomic."""
-    path = Path(path)
     state = random_bisenet_state_dict(seed)
-    suffix = path.suffix.lower()
-    if suffix in (".safetensors", ".sft"):
-        return atomic_save_safetensors(state, path, {"model": "bisenet-face-parsing", "random_seed": str(seed)})
-    if suffix not in (".pth", ".pt"):
-        raise ValueError(f"Give the file a .pth, .pt or .safetensors suffix, not {path.name!r}.")
-    return save_official_pickle(state, path)
+    return save_by_suffix(path, lambda: state, lambda p: atomic_save_safetensors(
+        state, p, {"model": "bisenet-face-parsing", "random_seed": str(seed)}))

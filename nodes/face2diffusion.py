@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -290,10 +291,8 @@ class F2DLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, msid_file: str, mapping_file: str, device: str) -> io.NodeOutput:
-        msid_path = model_folders.resolve_file(FOLDER, msid_file)
-        mapping_path = model_folders.resolve_file(FOLDER, mapping_file)
-        key = (file_key(msid_path), file_key(mapping_path), device)
-        return io.NodeOutput(_CACHE.get(key, lambda: load_f2d_models(msid_path, mapping_path, device)))
+        load = partial(load_f2d_models, device=device)
+        return io.NodeOutput(_CACHE.get_files(FOLDER, [msid_file, mapping_file], load, device))
 
 
 class F2DEncode(io.ComfyNode):

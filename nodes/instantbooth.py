@@ -30,7 +30,6 @@ from . import model_folders
 from .common import (
     ModelCache,
     check_prompt_embeddings,
-    file_key,
     load_managed,
     managed,
     named_file_fingerprint,
@@ -69,9 +68,8 @@ class InstantBoothLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, instantbooth_file: str) -> io.NodeOutput:
-        path = model_folders.resolve_file(FOLDER, instantbooth_file)
         # the socket and the cache hold ComfyUI's ModelPatcher (model on the offload device), never a bare module
-        return io.NodeOutput(_CACHE.get(file_key(path), lambda: managed(load_instantbooth(path))))
+        return io.NodeOutput(_CACHE.get_files(FOLDER, [instantbooth_file], lambda path: managed(load_instantbooth(path))))
 
 
 # --- ComfyUI objects -> tensors ------------------------------------------------------------------------------
