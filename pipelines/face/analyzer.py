@@ -69,6 +69,24 @@ def to_rgb_batch(images: torch.Tensor) -> torch.Tensor:
     return images if images.dtype == torch.float32 else images.float()
 
 
+def _block_mean(image: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of each k x k block of an (H, W, C) image (the last H % k rows and W % k columns are dropped).
+
+    Whole rows are added first (contiguous memory), then every k-th column of the k-times-smaller result: plain
+    adds over views, several times faster than ``mean`` over the small block dimensions on a big photo.
+    """
+    h, w, c = image.shape
+    hb, wb = h // k, w // k
+    rows = image[: hb * k].reshape(hb, k, w, c)
+    acc = rows[:, 0] + rows[:, 1]
+    for i in range(2, k):
+        acc += rows[:, i]
+    out = acc[:, 0 : wb * k : k] + acc[:, 1 : wb * k : k]
+    for j in range(2, k):
+        out += acc[:, j : wb * k : k]
+    return out.mul_(1.0 / (k * k))
+
+
 def shrink_for_detection(image: torch.Tensor, scale: float) -> torch.Tensor:
     """(H, W, 3) -> about (H*scale, W*scale, 3), antialiased, for the detector only.
 
@@ -78,10 +96,7 @@ def shrink_for_detection(image: torch.Tensor, scale: float) -> torch.Tensor:
     h, w = image.shape[:2]
     out_h, out_w = max(1, round(h * scale)), max(1, round(w * scale))
     k = int(1.0 / scale) // 2 * 2 if scale < 0.5 else 1  # even block size, at most half the reduction
-    x = image
-    if k >= 2:
-        hb, wb = h // k, w // k
-        x = x[: hb * k, : wb * k].reshape(hb, k, wb, k, 3).mean(dim=(1, 3))
+    x = _block_mean(image, k) if k >= 2 else image
     x = x.permute(2, 0, 1)[None]
     x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
     return x[0].permute(1, 2, 0)

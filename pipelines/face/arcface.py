@@ -189,36 +189,54 @@ def iresnet_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "st
     return model.eval()
 
 
-def fold_batchnorm(model: IResNet) -> IResNet:
+def _fold_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_format: torch.memory_format) -> nn.Conv2d:
+    """Fold ``bn`` into ``conv`` in place (torch's ``fuse_conv_bn_weights`` arithmetic, so the same floats).
+
+    The fused weight is written straight into a new tensor of the wanted memory format, and the conv drops its old
+    weight: one layer's worth of extra memory at a time, never a copy of the whole network.
+    """
+    var_rsqrt = torch.rsqrt(bn.running_var + bn.eps)
+    weight = torch.empty_like(conv.weight, memory_format=memory_format)
+    torch.mul(conv.weight, (bn.weight * var_rsqrt).reshape(-1, 1, 1, 1), out=weight)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight = nn.Parameter(weight, requires_grad=False)
+    conv.bias = nn.Parameter((bias - bn.running_mean) * var_rsqrt * bn.weight + bn.bias, requires_grad=False)
+    return conv
+
+
+def fold_batchnorm(model: IResNet, memory_format: torch.memory_format = torch.contiguous_format) -> IResNet:
     """Fold every BatchNorm that follows a conv or feeds a linear layer into it, in place (eval mode only).
 
     Outputs, and every stage's output, are unchanged up to float rounding; inference gets faster. The first
     BatchNorm of each block (``bn1``) precedes a zero-padded conv, so folding it would change the border pixels:
-    it stays. Folded BatchNorms become ``nn.Identity`` so code that walks the stages keeps working.
+    it stays. Folded BatchNorms become ``nn.Identity`` so code that walks the stages keeps working. Folded conv
+    weights are made in ``memory_format`` (channels-last for fast CPU inference) without a second conversion copy,
+    and the tensors they replace are released layer by layer: loading peaks near one copy of the weights.
     """
     if getattr(model, "_bn_folded", False):
         return model
-    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-
     with torch.no_grad():
-        model.conv1 = fuse_conv_bn_eval(model.conv1, model.bn1)
+        _fold_conv(model.conv1, model.bn1, memory_format)
         model.bn1 = nn.Identity()
         for name in ("layer1", "layer2", "layer3", "layer4"):
             for block in getattr(model, name):
-                block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn2)
-                block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn3)
+                _fold_conv(block.conv1, block.bn2, memory_format)
+                _fold_conv(block.conv2, block.bn3, memory_format)
                 block.bn2, block.bn3 = nn.Identity(), nn.Identity()
                 if block.downsample is not None:
-                    block.downsample = nn.Sequential(fuse_conv_bn_eval(block.downsample[0], block.downsample[1]))
-        # bn2 (per channel, before flatten) and features (BatchNorm1d after fc) both fold into fc
-        bn, fc = model.bn2, model.fc
+                    block.downsample = nn.Sequential(_fold_conv(block.downsample[0], block.downsample[1], memory_format))
+        # bn2 (per channel, before flatten) and features (BatchNorm1d after fc) both fold into fc: first bn2 into
+        # the fc's inputs, then (torch's fuse_linear_bn_weights arithmetic) features into its outputs.
+        bn, fc, feat = model.bn2, model.fc, model.features
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         shift = bn.bias - bn.running_mean * scale
         per_input = fc.in_features // scale.numel()  # flatten order: channel-major, 7x7 positions each
-        linear = nn.Linear(fc.in_features, fc.out_features, device=fc.weight.device, dtype=fc.weight.dtype)
-        linear.weight.copy_(fc.weight * scale.repeat_interleave(per_input))
-        linear.bias.copy_(fc.bias + fc.weight @ shift.repeat_interleave(per_input))
-        model.fc = fuse_linear_bn_eval(linear.eval(), model.features)
+        weight = fc.weight * scale.repeat_interleave(per_input)
+        bias = fc.bias + fc.weight @ shift.repeat_interleave(per_input)
+        feat_scale = feat.weight * torch.rsqrt(feat.running_var + feat.eps)
+        weight.mul_(feat_scale.unsqueeze(-1))  # in place on our own new tensor: no third copy of the largest layer
+        fc.weight = nn.Parameter(weight, requires_grad=False)
+        fc.bias = nn.Parameter((bias - feat.running_mean) * feat_scale + feat.bias, requires_grad=False)
         model.bn2, model.features = nn.Identity(), nn.Identity()
     model._bn_folded = True
     return model.requires_grad_(False)
@@ -252,11 +270,13 @@ class ArcFaceRecognizer:
         weights stay NCHW, which code that backpropagates through ``backbone`` directly needs (see ``embed_raw``)."""
         target = torch.device(device) if device is not None else next(backbone.parameters()).device
         self.dtype = dtype
-        # Folded BatchNorm: same outputs, faster. In place, so the recognizer holds one copy of the weights.
-        self.backbone = fold_batchnorm(backbone.eval()).to(target, dtype).requires_grad_(False)
         self.channels_last = bool(channels_last)
-        # Without this, every conv would convert its NCHW weight for channels-last input on each call.
-        self.backbone.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        # Without channels-last weights, every conv would convert its NCHW weight for channels-last input per call.
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        # Folded BatchNorm: same outputs, faster. In place, so the recognizer holds one copy of the weights; the
+        # folded weights are made in the final layout, so the .to() calls below copy nothing on CPU in float32.
+        self.backbone = fold_batchnorm(backbone.eval(), layout).to(target, dtype).requires_grad_(False)
+        self.backbone.to(memory_format=layout)
         self.module = self.backbone  # what a host (ComfyUI's ModelPatcher) moves between devices
         self.name = name or f"arcface_{backbone.config.arch}"
         self.batch_size = int(batch_size)
@@ -338,8 +358,11 @@ def load_arcface(
             f"ArcFace weight file {path.name} is missing in folder {path.parent}. Put an arcface_torch "
             "backbone.pth (or a .safetensors conversion) there."
         )
-    state, _ = load_state_dict_file(path, mmap=True)  # memory-mapped: float32 files are not copied
+    # Read, not memory-mapped: each tensor gets its own buffer, so folding BatchNorm frees the file's tensors layer
+    # by layer and loading peaks near one copy of the weights. (A mapped file stays resident until its last tensor
+    # goes: the file's pages and the folded copy would both count, twice the weights at the peak.)
+    state, _ = load_state_dict_file(path)
     backbone = iresnet_from_state_dict(state, source=str(path))
-    del state
+    del state  # the model now holds the only references: folding can release them
     logger.info("Loaded ArcFace %s from %s", backbone.config.arch, path)
     return ArcFaceRecognizer(backbone, device=device, dtype=dtype, name=name, channels_last=channels_last)
