@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import pytest
 import torch
@@ -44,6 +45,18 @@ def test_reading_is_strict_on_unknown_and_required_fields_lenient_on_defaults():
 
     with pytest.raises(ConfigError, match="stored STEAConfig is not valid.*Unknown STEA feature source"):
         STEAConfig.from_dict({"feature_source": "pixels"})  # the dataclass's own checks still run
+
+
+def test_optional_tuples_come_back_as_tuples_and_the_key_can_be_renamed():
+    @dataclass(frozen=True)
+    class Named(MetadataConfig):
+        METADATA_KEY: ClassVar[str] = "mapper_config"  # a file format that already names its key
+        dims: Optional[tuple[int, ...]] = None
+
+    meta = Named(dims=(768, 1280)).to_metadata()
+    assert meta == {"mapper_config": '{"dims": [768, 1280]}'}
+    assert Named.from_metadata(meta).dims == (768, 1280) and Named.from_metadata({"config": "{}"}) is None
+    assert Named.from_dict({"dims": None}) == Named()
 
 
 def test_old_format_files_still_load(tmp_path):

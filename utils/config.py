@@ -26,6 +26,13 @@ from typing import Any, ClassVar, Mapping, Optional, TypeVar
 C = TypeVar("C", bound="MetadataConfig")
 
 
+def _is_tuple_type(hint: Any) -> bool:
+    """``tuple[...]``, also inside ``Optional[...]`` / unions."""
+    if typing.get_origin(hint) is tuple or hint is tuple:
+        return True
+    return any(_is_tuple_type(arg) for arg in typing.get_args(hint)) if typing.get_origin(hint) is typing.Union else False
+
+
 class ConfigError(ValueError):
     """A stored config cannot be read into its dataclass."""
 
@@ -64,9 +71,7 @@ class MetadataConfig:
         if missing:
             raise ConfigError(f"{source}: the {cls.__name__} lacks the required field(s) {missing}; the file is damaged.")
         hints = typing.get_type_hints(cls)
-        values = {
-            k: tuple(v) if isinstance(v, list) and typing.get_origin(hints.get(k)) is tuple else v for k, v in data.items()
-        }
+        values = {k: tuple(v) if isinstance(v, list) and _is_tuple_type(hints.get(k)) else v for k, v in data.items()}
         try:
             return cls(**values)
         except (TypeError, ValueError) as exc:
