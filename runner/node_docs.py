@@ -25,7 +25,7 @@ FAMILY_TABLE = [
     '| method | SD1.x | SD2.x | SDXL family (SDXL, Pony, Illustrious, SSD-1B, Vega, KOALA) |',
     '|---|---|---|---|',
     '| Cross Initialization | yes | yes | yes: both text encoders, file holds `clip_l` + `clip_g` |',
-    '| PersonaMagic | yes | yes | yes: the mapper's tokens in both text encoders, V path on the 2048-wide context, a pooled output per timestep bin; a mapper applied on another family is refused, naming both |',
+    '| PersonaMagic | yes | yes | yes: mapper tokens in both text encoders, V path on the 2048-wide context, a pooled output per timestep bin; a mapper applied on another family is refused, naming both |',
     '| MultiDiffusion | yes | yes | yes: each region its own pooled output and size conditioning; window_size 0 = 1024 px views |',
     '| Face2Diffusion | yes | no | no: refused before sampling, naming both families and what to use |',
     '| PortraitBooth (FastComposer weights) | yes | no | no: refused before sampling, naming both families and what to use |',
