@@ -21,13 +21,11 @@ import argparse
 import asyncio
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from ..runner import examples as ex
-from ..runner.local_setup import MissingModelError, prepare_base_dir
+from ..runner.local_setup import LocalSetupError, local_comfyui
 from ..runner.substitutions import TEST_SIZE_VALUES
 from .examples import (  # one --set / --device rule for both commands
     _parse_sets as parse_sets,
@@ -211,40 +209,23 @@ def _run_servers(args, spec, sets: dict) -> int:
 
 def _run_embedded(args, spec, sets: dict) -> int:
     from ..runner.batch.servers import ComfyBackend, HttpTransport
-    from ..runner.server import (
-        ComfyServer,
-        ComfyServerError,
-        ComfyUINotFoundError,
-        check_comfyui_dir,
-    )
+    from ..runner.server import ComfyUINotFoundError, check_comfyui_dir
 
     try:
         comfyui_dir = check_comfyui_dir(args.comfyui_dir or os.environ.get("COMFYUI_DIR"))
     except ComfyUINotFoundError as exc:
         log.error("%s", exc)
         return EXIT_SETUP
-    base = Path(tempfile.mkdtemp(prefix="facebooth-batch-"))
     try:
-        try:
-            setup = prepare_base_dir(base, checkpoint=args.checkpoint, comfyui_dir=comfyui_dir)
-        except (MissingModelError, FileNotFoundError) as exc:
-            log.error("%s", exc)
-            return EXIT_SETUP
-        _base_values(spec, setup.substitutions, sets)
-        server = ComfyServer(comfyui_dir, base, cpu=_want_cpu(args.device), die_with_parent=True)
-        log.info("Starting ComfyUI from %s on %s (log: %s)", comfyui_dir, server.url, server.log_file)
-        try:
-            server.start()
-        except ComfyServerError as exc:
-            log.error("%s", exc)
-            return EXIT_SETUP
-        try:
-            outcome = _execute(args, spec, [ComfyBackend(HttpTransport(server.url), args.inflight)])
-        finally:
-            server.stop()
-        return EXIT_SETUP if outcome is None else _finish(args, spec, outcome, base / "models")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+        with local_comfyui(comfyui_dir, checkpoint=args.checkpoint, prefix="facebooth-batch-",
+                           cpu=_want_cpu(args.device), die_with_parent=True) as local:
+            _base_values(spec, local.setup.substitutions, sets)
+            outcome = _execute(args, spec, [ComfyBackend(HttpTransport(local.server.url), args.inflight)])
+            local.server.stop()  # free its memory before scoring, which reads the base dir's models
+            return EXIT_SETUP if outcome is None else _finish(args, spec, outcome, local.setup.base_dir / "models")
+    except LocalSetupError as exc:
+        log.error("%s", exc)
+        return EXIT_SETUP
 
 
 def _run_ray(args, spec, sets: dict) -> int:

@@ -17,15 +17,13 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runner import examples as ex
-from ..runner.local_setup import MissingModelError, prepare_base_dir
+from ..runner.local_setup import LocalSetupError, MissingModelError, local_comfyui
 from ..runner.placeholders import PlaceholderError
 from ..runner.run import check_checkpoint_available, run_workflow, to_pil, upload_faces
 from ..runner.substitutions import TEST_SIZE_VALUES
@@ -250,25 +248,27 @@ def _run_on_server(args, workflows: list[Path]) -> int:
     except (ComfyUnreachableError, MissingModelError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return EXIT_SETUP
-    if args.write_ui:
-        _write_ui_twins(client, workflows, browser=not args.no_browser)
-        if args.no_run:
-            return EXIT_OK
-    results = _run_all(client, workflows, subs, args)
-    client.close()
+    results = _write_ui_and_run(client, workflows, subs, args)
+    if results is None:
+        return EXIT_OK
     _summary(results, args.out)
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
+def _write_ui_and_run(client: ComfyClient, workflows: list[Path], subs: dict, args) -> list[Result] | None:
+    """The UI twins when asked (``--write-ui``), then every workflow unless ``--no-run`` (then None)."""
+    try:
+        if args.write_ui:
+            _write_ui_twins(client, workflows, browser=not args.no_browser)
+            if args.no_run:
+                return None
+        return _run_all(client, workflows, subs, args)
+    finally:
+        client.close()
+
+
 def _run_local(args, workflows: list[Path]) -> int:
-    from ..runner.server import (
-        ComfyServer,
-        ComfyServerError,
-        ComfyUINotFoundError,
-        check_comfyui_dir,
-        default_comfyui_dir,
-        pack_import_problems,
-    )
+    from ..runner.server import ComfyUINotFoundError, check_comfyui_dir, default_comfyui_dir, pack_import_problems
 
     try:
         comfyui_dir = check_comfyui_dir(default_comfyui_dir(args.comfyui_dir))
@@ -277,46 +277,27 @@ def _run_local(args, workflows: list[Path]) -> int:
     except ComfyUINotFoundError as exc:
         log.error("%s", exc)
         return EXIT_SETUP
-    base = Path(tempfile.mkdtemp(prefix="facebooth-examples-"))
+    if args.checkpoint is None:
+        log.info("Preparing the random SD1.5 checkpoint and face models (generated once, then cached)")
     try:
-        try:
-            if args.checkpoint is None:
-                log.info("Preparing the random SD1.5 checkpoint and face models (generated once, then cached)")
-            setup = prepare_base_dir(base, checkpoint=args.checkpoint, comfyui_dir=comfyui_dir)
-        except (MissingModelError, FileNotFoundError) as exc:
-            log.error("%s", exc)
-            return EXIT_SETUP
-        server = ComfyServer(comfyui_dir, base, cpu=_want_cpu(args.device), python=args.python)
-        log.info("Starting ComfyUI from %s on %s (log: %s)", comfyui_dir, server.url, server.log_file)
-        try:
-            server.start()
-        except ComfyServerError as exc:
-            log.error("%s", exc)
-            return EXIT_SETUP
-        try:
+        with local_comfyui(comfyui_dir, checkpoint=args.checkpoint, prefix="facebooth-examples-",
+                           keep_base_dir=args.keep_base_dir, cpu=_want_cpu(args.device), python=args.python) as local:
+            server = local.server
             for problem in pack_import_problems(server.startup_log()):
                 log.warning("ComfyUI reported a FaceBooth import problem: %s", problem)
-            client = server.client
             try:
-                subs = {**setup.substitutions, "SEED": args.seed, **upload_faces(client, args.face, args.seed)}
+                subs = {**local.setup.substitutions, "SEED": args.seed, **upload_faces(server.client, args.face, args.seed)}
             except FileNotFoundError as exc:
                 log.error("%s", exc)
                 return EXIT_SETUP
-            if args.write_ui:
-                _write_ui_twins(client, workflows, browser=not args.no_browser)
-                if args.no_run:
-                    return EXIT_OK
-            results = _run_all(client, workflows, subs, args)
-            client.close()
-        finally:
-            server.stop()
-        if not all(r.ok for r in results):
-            log.error("ComfyUI log: %s (last lines below)\n%s", server.log_file, server.log_tail(25))
-            args.keep_base_dir = True
-        _summary(results, args.out)
-        return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
-    finally:
-        if args.keep_base_dir:
-            log.info("ComfyUI base dir kept: %s", base)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+            results = _write_ui_and_run(server.client, workflows, subs, args)
+            if results is None:
+                return EXIT_OK
+            if not all(r.ok for r in results):
+                log.error("ComfyUI log: %s (last lines below)\n%s", server.log_file, server.log_tail(25))
+                local.keep_base_dir = True
+    except LocalSetupError as exc:
+        log.error("%s", exc)
+        return EXIT_SETUP
+    _summary(results, args.out)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED

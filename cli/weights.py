@@ -143,6 +143,15 @@ def _load(args: argparse.Namespace) -> Manifest:
         raise UsageError(str(exc)) from exc
 
 
+def _selected(args: argparse.Namespace) -> tuple[Manifest, list]:
+    """The manifest and the entries of ``--method`` (an unknown method is a usage error)."""
+    manifest = _load(args)
+    try:
+        return manifest, manifest.select(args.method)
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from exc
+
+
 def human_size(n: int | None) -> str:
     if n is None:
         return "?"
@@ -342,11 +351,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace, out: TextIO) -> int:
-    manifest = _load(args)
-    try:
-        selection = manifest.select(args.method)
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from exc
+    _, selection = _selected(args)
     dirs = resolve_model_dirs(args, required=False)
     if dirs is None:
         log.info("No models directory given: the status column is empty (use --models-dir or set COMFYUI_DIR).")
@@ -385,11 +390,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace, out: TextIO) -> int:
-    manifest = _load(args)
-    try:
-        selection = manifest.select(args.method)
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from exc
+    manifest, selection = _selected(args)
     dirs = resolve_model_dirs(args, required=True)
     assert dirs is not None
     if dirs.models_dir is not None and not dirs.models_dir.is_dir():

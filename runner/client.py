@@ -1,27 +1,33 @@
-"""A minimal ComfyUI HTTP client (standard library only).
+"""A ComfyUI client with a blocking API, on aiohttp (a ComfyUI requirement) for HTTP and the websocket.
 
 ``queue_prompt`` posts an API-format workflow, ``wait`` follows it to the end and ``images`` fetches what its
-output nodes saved. Progress comes from ComfyUI's websocket (a tiny read-only client below, so no extra
-dependency); completion is always confirmed through ``/history``, so a dropped websocket only costs the
-progress display.
+output nodes saved. Progress comes from ComfyUI's websocket; completion is always confirmed through
+``/history``, so a dropped websocket only costs the progress display.
+
+The aiohttp session lives on a private event loop in a daemon thread, so the blocking methods work from plain
+scripts, from threads and from code that already runs an event loop; ``on_progress`` is called in the
+caller's thread (it may call ``interrupt``).
 """
 from __future__ import annotations
 
-import base64
+import asyncio
 import json
 import logging
 import os
-import socket
-import struct
+import queue
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
+
+import aiohttp
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class ComfyUnreachableError(ConnectionError):
@@ -90,23 +96,44 @@ class ComfyClient:
         self.timeout = timeout
         self.client_id = client_id or uuid.uuid4().hex
         self._workflows: dict[str, dict] = {}
-        self._events: _EventSocket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._events: _EventStream | None = None
 
     # -- plain HTTP -------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                 timeout: float | None = None) -> tuple[int, bytes]:
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+    def _call(self, coro: Awaitable[_T]) -> _T:
+        """Run ``coro`` on the client's loop thread and wait for its result."""
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=loop.run_forever, name="comfy-client", daemon=True)
+            self._thread.start()
+            self._loop = loop
+            # A client dropped without close() still ends its thread.
+            self._stop_loop = weakref.finalize(self, loop.call_soon_threadsafe, loop.stop)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _session_(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    def _request(self, method: str, path: str, body: bytes | aiohttp.FormData | None = None,
+                 headers: dict | None = None, timeout: float | None = None) -> tuple[int, bytes]:
+        """``(status, body)`` of one HTTP request; an HTTP error status is returned, not raised."""
+        async def go() -> tuple[int, bytes]:
+            session = await self._session_()
+            async with session.request(method, self.url + path, data=body, headers=headers or {},
+                                       timeout=aiohttp.ClientTimeout(total=timeout or self.timeout)) as r:
+                return r.status, await r.read()
+
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-        except (urllib.error.URLError, ConnectionError, socket.timeout, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+            return self._call(go())
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise ComfyUnreachableError(
-                f"Cannot reach ComfyUI at {self.url} ({reason}). Is it running? Start it, fix --server, "
-                "or let the runner start one with --comfyui-dir."
+                f"Cannot reach ComfyUI at {self.url} ({type(exc).__name__}: {exc}). Is it running? Start it, "
+                "fix --server, or let the runner start one with --comfyui-dir."
             ) from exc
 
     def get_json(self, path: str) -> Any:
@@ -146,7 +173,7 @@ class ComfyClient:
         ``WorkflowRejectedError`` whose message lists every node ComfyUI complained about."""
         prompt_id = uuid.uuid4().hex
         if track_progress and self._events is None:
-            self._events = _EventSocket.try_open(self.url, self.client_id)
+            self._events = self._open_events()
         status, body = self.post_json(
             "/prompt", {"prompt": api_workflow, "client_id": self.client_id, "prompt_id": prompt_id}
         )
@@ -193,12 +220,11 @@ class ComfyClient:
                 continue
             try:
                 msg = self._events.receive(timeout=0.5)
-            except OSError:
+            except ConnectionError:
                 log.debug("ComfyUI websocket closed; following the workflow through /history only")
-                self._events.close()
-                self._events = None
+                self._close_events()
                 continue
-            if msg is not None and _is_end_of(msg, prompt_id):
+            if msg is not None and ended_prompt(msg) == prompt_id:
                 next_poll = 0.0  # confirm through /history right away
             if msg is not None and on_progress is not None:
                 event = _to_event(msg, prompt_id, workflow)
@@ -238,27 +264,59 @@ class ComfyClient:
             with open(path_or_bytes, "rb") as f:
                 data = f.read()
             name = name or os.path.basename(os.fspath(path_or_bytes))
-        boundary = uuid.uuid4().hex
-        parts = []
-        for field_name, value in (("overwrite", "true" if overwrite else "false"), ("subfolder", subfolder), ("type", "input")):
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"\r\n\r\n{value}\r\n'.encode())
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-            f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
-        )
-        parts.append(f"--{boundary}--\r\n".encode())
-        status, body = self._request(
-            "POST", "/upload/image", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-        )
+        form = aiohttp.FormData()
+        form.add_field("overwrite", "true" if overwrite else "false")
+        form.add_field("subfolder", subfolder)
+        form.add_field("type", "input")
+        form.add_field("image", data, filename=name, content_type="application/octet-stream")
+        status, body = self._request("POST", "/upload/image", form)
         if status != 200:
             raise RuntimeError(f"ComfyUI refused the upload of {name}: HTTP {status} {body[:300]!r}")
         info = json.loads(body)
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
-    def close(self) -> None:
+    # -- progress events --------------------------------------------------------------------------
+
+    def _open_events(self) -> _EventStream | None:
+        """Connect to ``/ws`` with this client's id; None (progress only at the end) when that fails."""
+        async def go() -> _EventStream:
+            session = await self._session_()
+            ws_url = self.url.replace("http", "ws", 1) + "/ws?clientId=" + urllib.parse.quote(self.client_id)
+            ws = await session.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
+                                          heartbeat=30)
+            stream = _EventStream(ws)
+            stream.task = asyncio.get_running_loop().create_task(stream.follow())
+            return stream
+
+        try:
+            return self._call(asyncio.wait_for(go(), 5))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.debug("No progress events from ComfyUI websocket: %s", exc)
+            return None
+
+    def _close_events(self) -> None:
         if self._events is not None:
-            self._events.close()
+            self._call(self._events.close())
             self._events = None
+
+    def close(self) -> None:
+        """Close the websocket, the HTTP session and the loop thread (the client reopens them when used again)."""
+        if self._loop is None:
+            return
+        self._close_events()
+        if self._session is not None:
+            self._call(self._session.close())
+            self._session = None
+        self._stop_loop()
+        self._thread.join(timeout=5)
+        self._loop.close()
+        self._loop = self._thread = None
+
+    def __enter__(self) -> ComfyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def listed_images(entry: dict) -> list[OutputImage]:
@@ -292,14 +350,17 @@ def _node_sort_key(node_id: str):
     return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
 
 
-def _is_end_of(msg: dict, prompt_id: str) -> bool:
+def ended_prompt(msg: dict) -> str | None:
+    """The prompt id a websocket message announces the end of (success, error, interrupt), else None."""
     data = msg.get("data") or {}
-    if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
-        return False
+    if not isinstance(data, dict) or "prompt_id" not in data:
+        return None
     kind = msg.get("type")
-    return kind in ("execution_success", "execution_error", "execution_interrupted") or (
+    if kind in ("execution_success", "execution_error", "execution_interrupted") or (
         kind == "executing" and data.get("node") is None
-    )
+    ):
+        return data["prompt_id"]
+    return None
 
 
 def _to_event(msg: dict, prompt_id: str, workflow: dict) -> ProgressEvent | None:
@@ -319,116 +380,46 @@ def _to_event(msg: dict, prompt_id: str, workflow: dict) -> ProgressEvent | None
     return None
 
 
-class _EventSocket:
-    """Read-only websocket client for ComfyUI's ``/ws`` (RFC 6455, text frames only, no extensions)."""
+_CLOSED = object()  # queued when the websocket ends
 
-    def __init__(self, sock: socket.socket, leftover: bytes):
-        self.sock = sock
-        self.buf = leftover
-        self.fragments: list[bytes] = []
-        self.text_message = True
 
-    @classmethod
-    def try_open(cls, url: str, client_id: str) -> "_EventSocket | None":
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme != "http":
-            return None  # https would need TLS; progress then comes only at the end
-        host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
+class _EventStream:
+    """ComfyUI's ``/ws`` read by a task on the client's loop into a thread-safe queue of JSON messages.
+
+    aiohttp answers pings and joins fragmented frames; binary messages (previews) are dropped.
+    """
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws = ws
+        self.messages: queue.Queue = queue.Queue()
+        self.task: asyncio.Task | None = None
+
+    async def follow(self) -> None:
         try:
-            sock = socket.create_connection((host, port), timeout=5)
-            key = base64.b64encode(os.urandom(16)).decode()
-            path = (parsed.path.rstrip("/") or "") + "/ws?clientId=" + urllib.parse.quote(client_id)
-            sock.sendall(
-                (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
-            )
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    raise OSError("closed during handshake")
-                head += chunk
-            header, leftover = head.split(b"\r\n\r\n", 1)
-            if b" 101 " not in header.split(b"\r\n", 1)[0]:
-                raise OSError(header.split(b"\r\n", 1)[0].decode(errors="replace"))
-            return cls(sock, leftover)
-        except OSError as exc:
-            log.debug("No progress events from ComfyUI websocket: %s", exc)
-            return None
-
-    def _read_exact(self, n: int, deadline: float) -> bytes:
-        while len(self.buf) < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout()
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise OSError("websocket closed")
-            self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
+            async for msg in self.ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                try:
+                    self.messages.put(json.loads(msg.data))
+                except ValueError:
+                    continue
+        finally:
+            self.messages.put(_CLOSED)
 
     def receive(self, timeout: float) -> dict | None:
-        """Next JSON message, or None when nothing arrived in ``timeout`` seconds.
-
-        Once a frame's first two bytes are in, the frame is read whole (allowing 30 s): ComfyUI's frames are
-        small and sent in one piece.
-        """
-        deadline = time.monotonic() + timeout
+        """Next JSON message, or None when nothing arrived in ``timeout`` seconds; ``ConnectionError`` once the
+        websocket has closed."""
         try:
-            head = self._read_exact(2, deadline)
-        except socket.timeout:
+            msg = self.messages.get(timeout=timeout)
+        except queue.Empty:
             return None
-        long_deadline = time.monotonic() + 30
-        fin, opcode = head[0] & 0x80, head[0] & 0x0F
-        masked, length = head[1] & 0x80, head[1] & 0x7F
-        if length == 126:
-            length = struct.unpack(">H", self._read_exact(2, long_deadline))[0]
-        elif length == 127:
-            length = struct.unpack(">Q", self._read_exact(8, long_deadline))[0]
-        mask = self._read_exact(4, long_deadline) if masked else None
-        payload = self._read_exact(length, long_deadline)
-        if mask:
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        if opcode == 0x8:
-            raise OSError("websocket closed by server")
-        if opcode == 0x9:  # ping -> pong (client frames must be masked)
-            self._send(0xA, payload)
-            return None
-        if opcode in (0x1, 0x2):  # first frame of a text / binary message
-            self.fragments, self.text_message = [], opcode == 0x1
-        if opcode in (0x0, 0x1, 0x2):
-            self.fragments.append(payload)
-            if not fin:
-                return None
-            data, self.fragments = b"".join(self.fragments), []
-            if not self.text_message:
-                return None  # binary messages carry preview images; not needed here
-            try:
-                return json.loads(data)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return None
-        return None
+        if msg is _CLOSED:
+            self.messages.put(_CLOSED)  # stays closed for later calls
+            raise ConnectionError("ComfyUI websocket closed")
+        return msg if isinstance(msg, dict) else None
 
-    def _send(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        header = bytes([0x80 | opcode])
-        n = len(payload)
-        if n < 126:
-            header += bytes([0x80 | n])
-        elif n < 65536:
-            header += bytes([0x80 | 126]) + struct.pack(">H", n)
-        else:
-            header += bytes([0x80 | 127]) + struct.pack(">Q", n)
-        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    def close(self) -> None:
-        try:
-            self._send(0x8, b"")
-        except OSError:
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+    async def close(self) -> None:
+        await self.ws.close()
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)

@@ -49,63 +49,77 @@ class DemoModel:
     sources: tuple[str, ...]  # module files whose content decides the weights (cache key)
 
 
+def _face_models(seed: int) -> list[DemoModel]:
+    from ..devmodels import face_models
+    from ..pipelines.face import arcface, mtcnn
+
+    name = "arcface_random_r18.safetensors"
+    return [
+        DemoModel(f"facebooth/face/{name}", "ARCFACE", name, lambda p: face_models.write_random_arcface(p, seed=seed),
+                  (face_models.__file__, arcface.__file__)),
+        DemoModel("facebooth/face/mtcnn", None, None, lambda p: face_models.copy_or_write_mtcnn(p, seed=seed),
+                  (face_models.__file__, mtcnn.__file__)),
+    ]
+
+
+def _insightface_pack(seed: int) -> list[DemoModel]:
+    from ..devmodels import insightface_packs
+    import onnx  # noqa: F401  (the writer needs it)
+
+    return [DemoModel("insightface/models/antelopev2", "INSIGHTFACE_PACK", "antelopev2",
+                      lambda p: insightface_packs.write_pack_files(p, "antelopev2", seed=seed),
+                      (insightface_packs.__file__,))]
+
+
+def _face2diffusion_models(seed: int) -> list[DemoModel]:
+    from ..devmodels import face2diffusion_models as f2d_models
+    from ..pipelines.face2diffusion import mapping as f2d_mapping, msid as f2d_msid
+
+    return [
+        DemoModel("facebooth/face2diffusion/msid.pt", "F2D_MSID", "msid.pt",
+                  lambda p: f2d_models.write_random_msid(p, seed=seed), (f2d_models.__file__, f2d_msid.__file__)),
+        DemoModel("facebooth/face2diffusion/mapping.pt", "F2D_MAPPING", "mapping.pt",
+                  lambda p: f2d_models.write_random_mapping(p, seed=seed), (f2d_models.__file__, f2d_mapping.__file__)),
+    ]
+
+
+def _instantbooth_models(seed: int) -> list[DemoModel]:
+    from ..devmodels import instantbooth_models
+
+    return [DemoModel(**spec) for spec in instantbooth_models.demo_models(seed)]
+
+
+def _portraitbooth_models(seed: int) -> list[DemoModel]:
+    from ..devmodels import portraitbooth_models as pb_models
+    from ..devmodels import sd15_checkpoint as sd15
+    from ..pipelines.portraitbooth import fastcomposer_loading as pb_loading, stea as pb_stea
+
+    return [
+        DemoModel(f"facebooth/portraitbooth/{pb_models.FASTCOMPOSER_FILE}", "FASTCOMPOSER", pb_models.FASTCOMPOSER_FILE,
+                  lambda p: pb_models.write_random_fastcomposer(p, seed=seed),
+                  (pb_models.__file__, pb_stea.__file__, pb_loading.__file__, sd15.__file__)),
+        DemoModel(f"facebooth/portraitbooth/{pb_models.STEA_FILE}", "PORTRAITBOOTH_STEA", pb_models.STEA_FILE,
+                  lambda p: pb_models.write_random_stea(p, seed=seed), (pb_models.__file__, pb_stea.__file__)),
+    ]
+
+
+# Each method's random models; a method whose modules (or optional packages) do not import is left out.
+_DEMO_MODEL_SETS: list[tuple[str, Callable[[int], list[DemoModel]]]] = [
+    ("ArcFace/MTCNN", _face_models),
+    ("insightface pack", _insightface_pack),
+    ("Face2Diffusion", _face2diffusion_models),
+    ("InstantBooth", _instantbooth_models),
+    ("PortraitBooth", _portraitbooth_models),
+]
+
+
 def _demo_models(seed: int) -> list[DemoModel]:
-    models = []
-    try:
-        from ..devmodels import face_models
-        from ..pipelines.face import arcface, mtcnn
-    except ImportError as exc:
-        log.info("Random ArcFace/MTCNN models unavailable (%s); face workflows need real ones.", exc)
-    else:
-        name = "arcface_random_r18.safetensors"
-        models.append(DemoModel(f"facebooth/face/{name}", "ARCFACE", name,
-                                lambda p: face_models.write_random_arcface(p, seed=seed),
-                                (face_models.__file__, arcface.__file__)))
-        models.append(DemoModel("facebooth/face/mtcnn", None, None,
-                                lambda p: face_models.copy_or_write_mtcnn(p, seed=seed),
-                                (face_models.__file__, mtcnn.__file__)))
-    try:
-        from ..devmodels import insightface_packs
-        import onnx  # noqa: F401  (the writer needs it)
-    except ImportError as exc:
-        log.info("Random insightface pack unavailable (%s).", exc)
-    else:
-        models.append(DemoModel("insightface/models/antelopev2", "INSIGHTFACE_PACK", "antelopev2",
-                                lambda p: insightface_packs.write_pack_files(p, "antelopev2", seed=seed),
-                                (insightface_packs.__file__,)))
-    try:
-        from ..devmodels import face2diffusion_models as f2d_models
-        from ..pipelines.face2diffusion import mapping as f2d_mapping, msid as f2d_msid
-    except ImportError as exc:
-        log.info("Random Face2Diffusion models unavailable (%s).", exc)
-    else:
-        models.append(DemoModel("facebooth/face2diffusion/msid.pt", "F2D_MSID", "msid.pt",
-                                lambda p: f2d_models.write_random_msid(p, seed=seed),
-                                (f2d_models.__file__, f2d_msid.__file__)))
-        models.append(DemoModel("facebooth/face2diffusion/mapping.pt", "F2D_MAPPING", "mapping.pt",
-                                lambda p: f2d_models.write_random_mapping(p, seed=seed),
-                                (f2d_models.__file__, f2d_mapping.__file__)))
-    try:
-        from ..devmodels import instantbooth_models
-    except ImportError as exc:
-        log.info("Random InstantBooth models unavailable (%s).", exc)
-    else:
-        models.extend(DemoModel(**spec) for spec in instantbooth_models.demo_models(seed))
-    try:
-        from ..devmodels import portraitbooth_models as pb_models
-        from ..devmodels import sd15_checkpoint as sd15
-        from ..pipelines.portraitbooth import fastcomposer_loading as pb_loading, stea as pb_stea
-    except ImportError as exc:
-        log.info("Random PortraitBooth models unavailable (%s).", exc)
-    else:
-        models.append(DemoModel(f"facebooth/portraitbooth/{pb_models.FASTCOMPOSER_FILE}", "FASTCOMPOSER",
-                                pb_models.FASTCOMPOSER_FILE,
-                                lambda p: pb_models.write_random_fastcomposer(p, seed=seed),
-                                (pb_models.__file__, pb_stea.__file__, pb_loading.__file__, sd15.__file__)))
-        models.append(DemoModel(f"facebooth/portraitbooth/{pb_models.STEA_FILE}", "PORTRAITBOOTH_STEA",
-                                pb_models.STEA_FILE,
-                                lambda p: pb_models.write_random_stea(p, seed=seed),
-                                (pb_models.__file__, pb_stea.__file__)))
+    models: list[DemoModel] = []
+    for what, build in _DEMO_MODEL_SETS:
+        try:
+            models.extend(build(seed))
+        except ImportError as exc:
+            log.info("Random %s models unavailable (%s); workflows that use them need real ones.", what, exc)
     return models
 
 

@@ -1,20 +1,30 @@
-"""Local setup: a temporary ComfyUI base dir with the pack linked and the embedded default models."""
+"""Local setup: a temporary ComfyUI base dir with the pack linked and the embedded default models, and a
+ComfyUI started on it."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .demo_models import cached_demo_models, cached_random_checkpoint, cached_random_sdxl_checkpoint
 from .examples import PACK_DIR
-from .server import BASE_SUBDIRS, link_pack
+from .server import BASE_SUBDIRS, ComfyServer, ComfyServerError, link_pack
 from .substitutions import TEST_SIZE_VALUES
+
+log = logging.getLogger(__name__)
 
 
 class MissingModelError(FileNotFoundError):
     """A model file the workflows need is not where ComfyUI looks."""
 
+
+class LocalSetupError(RuntimeError):
+    """The local ComfyUI could not be set up or started; the message says why, for the user."""
 
 
 def _link(target: Path, link: Path) -> None:
@@ -89,3 +99,45 @@ def prepare_base_dir(
     if checkpoint is None:  # the random test checkpoint: test sizes instead of the workflows' real settings
         subs.update(TEST_SIZE_VALUES)
     return LocalSetup(base, checkpoint_name, subs)
+
+
+@dataclass
+class LocalComfyUI:
+    """A ComfyUI running on a temporary base dir; set ``keep_base_dir`` to leave the folder for inspection."""
+
+    server: ComfyServer
+    setup: LocalSetup
+    keep_base_dir: bool = False
+
+
+@contextlib.contextmanager
+def local_comfyui(comfyui_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None, prefix: str,
+                  keep_base_dir: bool = False, **server_options: Any) -> Iterator[LocalComfyUI]:
+    """Prepare a base dir (``prepare_base_dir``), start ComfyUI on it, stop it and remove the folder at the end.
+
+    Raises ``LocalSetupError`` when a model is missing or the server does not start; ``server_options`` go to
+    ``ComfyServer`` (``cpu``, ``python``, ``die_with_parent``).
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    local = None
+    try:
+        try:
+            setup = prepare_base_dir(base, checkpoint=checkpoint, comfyui_dir=comfyui_dir)
+        except (MissingModelError, FileNotFoundError) as exc:
+            raise LocalSetupError(str(exc)) from exc
+        server = ComfyServer(comfyui_dir, base, **server_options)
+        log.info("Starting ComfyUI from %s on %s (log: %s)", comfyui_dir, server.url, server.log_file)
+        try:
+            server.start()
+        except ComfyServerError as exc:
+            raise LocalSetupError(str(exc)) from exc
+        local = LocalComfyUI(server, setup, keep_base_dir)
+        try:
+            yield local
+        finally:
+            server.stop()
+    finally:
+        if local.keep_base_dir if local is not None else keep_base_dir:
+            log.info("ComfyUI base dir kept: %s", base)
+        else:
+            shutil.rmtree(base, ignore_errors=True)

@@ -468,31 +468,26 @@ def _plain_name(value: Any, what: str, p) -> None:
         p(f"{what} must be a plain file name without folders (got {value!r})")
 
 
+def _nullable(value: Any, valid: bool, problem: str, p) -> Any:
+    """``value`` when it is None or ``valid``; otherwise report ``problem`` and return None."""
+    if value is None or valid:
+        return value
+    p(problem)
+    return None
+
+
 def _size(value: Any, what: str, p) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        p(f"{what} must be a positive integer number of bytes or null (got {value!r})")
-        return None
-    return value
+    valid = not isinstance(value, bool) and isinstance(value, int) and value > 0
+    return _nullable(value, valid, f"{what} must be a positive integer number of bytes or null (got {value!r})", p)
 
 
 def _sha(value: Any, what: str, p) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _SHA256_RE.match(value):
-        p(f"{what} must be 64 lowercase hex characters or null when unknown (got {value!r})")
-        return None
-    return value
+    valid = isinstance(value, str) and bool(_SHA256_RE.match(value))
+    return _nullable(value, valid, f"{what} must be 64 lowercase hex characters or null when unknown (got {value!r})", p)
 
 
 def _opt_str(value: Any, what: str, p) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        p(f"{what} must be a non-empty string or null")
-        return None
-    return value
+    return _nullable(value, isinstance(value, str) and bool(value.strip()), f"{what} must be a non-empty string or null", p)
 
 
 # ----------------------------------------------------------------------------------------------------------------

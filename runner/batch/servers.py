@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from ..client import (
     OutputImage,
     WorkflowRejectedError,
+    ended_prompt,
     format_node_errors,
     listed_images,
     raise_for_history,
@@ -95,14 +96,9 @@ class HttpTransport:
                             data = json.loads(msg.data)
                         except ValueError:
                             continue
-                        body = data.get("data") or {}
-                        if not isinstance(body, dict) or "prompt_id" not in body:
-                            continue
-                        kind = data.get("type")
-                        if kind in ("execution_success", "execution_error", "execution_interrupted") or (
-                            kind == "executing" and body.get("node") is None
-                        ):
-                            self._event(body["prompt_id"]).set()
+                        ended = ended_prompt(data) if isinstance(data, dict) else None
+                        if ended is not None:
+                            self._event(ended).set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 (the websocket is a latency aid; /history stays the truth)

@@ -31,8 +31,6 @@ from facebooth.runner import ui_twins
 from facebooth.runner.ui_workflow import overlaps
 from helpers.declared_defaults import drop_declared_defaults
 
-pytestmark = pytest.mark.integration
-
 WORKFLOWS = ex.list_workflows()
 CHEAP = ex.API_DIR / "basic_txt2img_api.json"
 

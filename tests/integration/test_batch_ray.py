@@ -15,8 +15,6 @@ from facebooth.runner.batch.run import BatchSpec, execute
 from helpers.batch_workflows import PROMPTS, TXT2IMG
 from PIL import Image
 
-pytestmark = pytest.mark.integration
-
 
 def test_ray_mode_runs_the_batch_on_two_cpu_actors(comfyui_dir, facebooth_cache_dir, tmp_path, monkeypatch):
     pytest.importorskip("ray")

@@ -30,9 +30,6 @@ from facebooth.runner.server import ComfyServer
 from helpers.batch_workflows import FACES, PROMPTS, TXT2IMG
 from PIL import Image
 
-pytestmark = pytest.mark.integration
-
-
 
 @pytest.fixture(scope="module")
 def servers(request, comfyui_dir, facebooth_cache_dir, tmp_path_factory):
@@ -204,8 +201,6 @@ def test_ctrl_c_then_sigkill_mid_run_then_resume_loses_and_repeats_nothing(serve
     keys = {r.key for r in journal.rows()}
     assert executions([s.url for s in servers], keys) == {k: 1 for k in keys}
     assert sum(r.attempts for r in journal.rows()) == 8
-
-
 
 
 def test_a_policy_failure_fails_its_job_and_the_batch_goes_on(servers, comfy_setup, tmp_path):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from facebooth.runner import examples as ex
 from facebooth.runner import placeholders
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 EXAMPLE = ex.API_DIR / "cross_init_sdxl_api.json"
 NAME = "fb_ci_sdxl_integration"

@@ -21,7 +21,7 @@ from facebooth.runner import examples as ex
 from facebooth.runner import placeholders
 from facebooth.runner.client import WorkflowFailedError, WorkflowRejectedError
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 EXAMPLE = ex.API_DIR / "cross_init_fast_api.json"
 NAME = "fb_ci_integration"

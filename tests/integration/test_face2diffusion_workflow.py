@@ -15,8 +15,6 @@ from facebooth.devmodels.face2diffusion_models import MAPPING_FILE, MSID_FILE, w
 from facebooth.runner import examples as ex
 from facebooth.runner import placeholders
 
-pytestmark = pytest.mark.integration
-
 BASIC = ex.API_DIR / "face2diffusion_basic_api.json"
 TWO_PEOPLE = ex.API_DIR / "face2diffusion_two_people_api.json"
 

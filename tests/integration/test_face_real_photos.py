@@ -10,8 +10,6 @@ import pytest
 
 from facebooth.runner import placeholders
 
-pytestmark = pytest.mark.integration
-
 ANALYZER = {"class_type": "FaceBoothFaceAnalyzerTorch",
             "inputs": {"detector": "mtcnn", "recognizer": "$ARCFACE", "face_parser": "none (landmark hull)",
                        "min_face_size": 20, "device": "auto"}}

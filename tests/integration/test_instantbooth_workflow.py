@@ -33,7 +33,6 @@ def _outputs(images):
     return [i for i in images if i.size == (64, 64)], [i for i in images if i.size == (224, 224)]
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_photo_example_runs_with_a_vit_l_clip_vision(comfy_server, run_workflow, instantbooth_models):
     images = run_workflow(comfy_server.client, EXAMPLES["photo"], instantbooth_models)
@@ -46,7 +45,6 @@ def test_photo_example_runs_with_a_vit_l_clip_vision(comfy_server, run_workflow,
     assert "InstantBooth: 1 reference(s), 257 patch tokens" in log
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_faces_example_uses_masked_face_crops_of_two_photos(comfy_server, run_workflow, instantbooth_models):
     images = run_workflow(comfy_server.client, EXAMPLES["faces"], instantbooth_models)
@@ -57,7 +55,6 @@ def test_faces_example_uses_masked_face_crops_of_two_photos(comfy_server, run_wo
     assert "InstantBooth: 2 reference(s), 514 patch tokens" in comfy_server.log_text()
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_beta_zero_gives_the_unpatched_sampler_output_in_comfyui(comfy_server, run_workflow, instantbooth_models):
     """Same graph, same conditioning: sampling the patched model at beta 0 equals sampling the checkpoint's model."""

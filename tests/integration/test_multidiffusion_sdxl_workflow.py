@@ -6,7 +6,7 @@ import pytest
 
 from facebooth.runner import examples as ex
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def test_two_subject_sdxl_workflow_runs_with_per_region_pooled_output(comfy_server, run_workflow):

@@ -1,11 +1,7 @@
 """The pack loads in a real ComfyUI from a symlinked custom_nodes folder, and its nodes document themselves."""
 from __future__ import annotations
 
-import pytest
-
 from facebooth.runner.server import pack_import_problems
-
-pytestmark = pytest.mark.integration
 
 
 def test_pack_is_installed_as_a_symlink_and_imports_without_error(comfy_server, comfy_base_dir):

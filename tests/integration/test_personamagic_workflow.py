@@ -23,7 +23,7 @@ from facebooth.runner import examples as ex
 from facebooth.runner import placeholders, ui_twins
 from facebooth.runner.client import WorkflowFailedError
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 EXAMPLE = ex.API_DIR / "personamagic_train_apply_api.json"
 TRAIN, APPLY, SAMPLER = "5", "6", "9"

@@ -19,8 +19,6 @@ from facebooth.runner import examples as ex
 from facebooth.runner import placeholders
 from facebooth.runner.client import WorkflowFailedError
 
-pytestmark = pytest.mark.integration
-
 SINGLE = ex.API_DIR / "portraitbooth_single_api.json"
 TWO = ex.API_DIR / "multidiffusion_two_subjects_api.json"
 EXPRESSION = ex.API_DIR / "portraitbooth_expression_api.json"

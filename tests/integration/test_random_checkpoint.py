@@ -3,7 +3,6 @@ compute what the diffusers / transformers reference models (tests/helpers/tiny_s
 weights. ComfyUI's own checkpoint loader is the independent check of our diffusers -> LDM key mapping."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,10 +17,8 @@ from facebooth.devmodels.sd15_checkpoint import (
     read_fingerprint,
     write_random_sd15_checkpoint,
 )
+from helpers import tiny_sd
 
-_spec = importlib.util.spec_from_file_location("tiny_sd", Path(__file__).resolve().parents[1] / "helpers" / "tiny_sd.py")
-tiny_sd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_sd)
 
 PROMPT = "a photo of a person"
 
@@ -96,7 +93,6 @@ def test_file_holds_exactly_the_seeded_reference_models():
         assert not different, different[:5]
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_comfyui_loads_it_as_sd15_and_matches_diffusers_and_transformers(comfyui_dir, tmp_path):
     ckpt = tiny_sd.checkpoint_file()

@@ -4,7 +4,6 @@ transformers-5 ``text_model.`` prefix gotcha would load it as garbage without an
 transformers' CLIPTextModel with the same tensors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,10 +13,7 @@ import pytest
 import torch
 
 from facebooth.devmodels import sdxl_checkpoint as sx
-
-_spec = importlib.util.spec_from_file_location("tiny_sd", Path(__file__).resolve().parents[1] / "helpers" / "tiny_sd.py")
-tiny_sd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_sd)
+from helpers import tiny_sd
 
 PROMPT = "a photo of a person"
 
@@ -80,7 +76,6 @@ def test_clip_g_layout_has_the_full_bigg_tower():
     assert shapes["text_projection"] == (1280, 1280)
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_comfyui_loads_it_as_sdxl_family_with_every_key(comfyui_dir, tmp_path):
     ckpt = sdxl_checkpoint_file()
