@@ -179,6 +179,33 @@ def test_masks_are_lazy_and_pasted_only_where_the_face_is():
     torch.testing.assert_close(canvas, mask)
 
 
+def test_crops_are_sampled_once_each_and_only_when_read(monkeypatch):
+    """Detect Faces offers every crop kind, but a kind nobody reads is never sampled; a read one is sampled once.
+    The reference for the values is OpenCV's warpAffine with the same matrix (an independent implementation)."""
+    import cv2
+    import numpy as np
+
+    from facebooth.pipelines.face import align
+
+    calls: list[int] = []
+    real = align.warp_affine
+    monkeypatch.setattr(align, "warp_affine", lambda image, m, size, **kw: calls.append(size) or real(image, m, size, **kw))
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 256, 256, 3, generator=g)
+    face = face_at(128, 128, 90)
+    fs = FaceAnalyzer(detector=ScriptedDetector({5: [face]}), recognizer=None).analyze(image.clamp(0.45, 0.55))
+    f = fs.faces[0]
+    assert calls == [] and set(f.crops) == {"arcface_112", "clip_224", "ffhq_512"} and len(f.crops) == 3
+    crop = f.crops["arcface_112"]
+    assert f.crops["arcface_112"] is crop and calls == [112]  # kept after the first read
+    m = align.crop_matrix("arcface_112", face.landmarks).numpy().astype(np.float64)
+    ref = cv2.warpAffine(image.clamp(0.45, 0.55)[0].numpy(), m, (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    assert float(np.abs(crop.numpy() - ref).mean()) < 2e-3
+    assert calls == [112] and "clip_224" not in repr(f.crops).split("sampled=")[1]
+    with pytest.raises(KeyError):
+        f.crops["not_a_kind"]
+
+
 def test_identity_is_the_normalised_mean_and_round_trips(tmp_path):
     a = analyzer({5: THREE_FACES})
     images = torch.cat([flat(5), flat(5) * 0.5 + torch.rand(1, 256, 256, 3) * 0.5])

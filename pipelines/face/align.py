@@ -6,6 +6,7 @@ centres at integer coordinates (the OpenCV convention, so crops agree with insig
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -157,3 +158,41 @@ def crop_matrix(kind: str, landmarks: torch.Tensor) -> torch.Tensor:
 
 def crop_face(image: torch.Tensor, landmarks: torch.Tensor, kind: str) -> torch.Tensor:
     return warp_affine(image, crop_matrix(kind, landmarks), CROP_SIZES[kind])
+
+
+class LazyCrops(Mapping[str, torch.Tensor]):
+    """One face's aligned crops by kind, each sampled from the photo the first time it is read, then kept.
+
+    Detect Faces offers every kind, but a graph reads one or two of them (ArcFace for identity, FFHQ for parsing
+    masks, CLIP for InstantBooth); the FFHQ 512 crop alone is most of the alignment cost on a group photo. The
+    photo is the FaceSet's own image tensor, so holding it costs nothing extra.
+    """
+
+    def __init__(self, image: torch.Tensor, landmarks: torch.Tensor, kinds: Sequence[str]) -> None:
+        unknown = [k for k in kinds if k not in CROP_SIZES]
+        if unknown:
+            raise ValueError(f"Unknown crop kind(s) {unknown}; choose from {sorted(CROP_SIZES)}.")
+        self._image: torch.Tensor | None = image
+        self._landmarks = landmarks
+        self._kinds = tuple(kinds)
+        self._sampled: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        if kind not in self._kinds:
+            raise KeyError(kind)
+        crop = self._sampled.get(kind)
+        if crop is None:
+            crop = warp_affine(self._image, crop_matrix(kind, self._landmarks), CROP_SIZES[kind])
+            self._sampled[kind] = crop
+            if len(self._sampled) == len(self._kinds):
+                self._image = None  # every kind sampled: the photo is no longer needed here
+        return crop
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._kinds)
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+    def __repr__(self) -> str:
+        return f"LazyCrops({list(self._kinds)}, sampled={list(self._sampled)})"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime import NO_HOOKS, RunHooks
-from .align import CROP_SIZES, crop_matrix, template_for, warp_affine
+from .align import CROP_SIZES, LazyCrops, crop_matrix, template_for, warp_affine
 from .masks import LazyMask
 from .types import (
     NO_FACE_POLICIES,
@@ -209,8 +209,8 @@ class FaceAnalyzer:
                 log.warning("FaceBooth: no face found in image %d of %d (%s)", i, n, no_face)
                 missing.append(i)
             for det in chosen:
-                face_crops = {kind: warp_affine(image, crop_matrix(kind, det.landmarks), CROP_SIZES[kind]) for kind in crops}
-                mask = LazyMask(image, det.landmarks, self.parser, face_crops.get("ffhq_512"))  # built when read
+                face_crops = LazyCrops(image, det.landmarks, crops)  # each kind sampled when first read
+                mask = LazyMask(image, det.landmarks, self.parser, face_crops)  # built when read
                 faces.append(
                     Face(image_index=i, box=det.box, score=float(det.score), landmarks=det.landmarks, mask=mask, crops=face_crops)
                 )

@@ -8,6 +8,7 @@ warps it into a full image-size mask, reading only the image window the crop cov
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -89,10 +90,11 @@ class LazyMask:
         image: torch.Tensor,
         landmarks: torch.Tensor,
         parser: Optional[FaceParser] = None,
-        ffhq_crop: Optional[torch.Tensor] = None,
+        ffhq_crop: Optional[torch.Tensor | Mapping[str, torch.Tensor]] = None,
     ) -> None:
+        """``ffhq_crop``: the face's FFHQ 512 crop, or its crops by kind (read only if the mask is built)."""
         self.height, self.width = int(image.shape[0]), int(image.shape[1])
-        self._image = image if parser is not None and ffhq_crop is None else None  # only kept when needed later
+        self._image = image if parser is not None and not torch.is_tensor(ffhq_crop) else None  # kept when needed later
         self._landmarks = landmarks
         self._parser = parser
         self._ffhq_crop = ffhq_crop if parser is not None else None
@@ -105,7 +107,10 @@ class LazyMask:
                 self._crop = (hull_crop_mask(), arcface_matrix(self._landmarks, HULL_SIZE))
             else:
                 m = ffhq_matrix(self._landmarks, 512)
-                crop = self._ffhq_crop if self._ffhq_crop is not None else warp_affine(self._image, m, 512)
+                source = self._ffhq_crop
+                crop = source.get("ffhq_512") if isinstance(source, Mapping) else source
+                if crop is None:
+                    crop = warp_affine(self._image, m, 512)
                 self._crop = (self._parser.face_mask(crop).float().cpu(), m)
                 self._image = self._ffhq_crop = None
         return self._crop
