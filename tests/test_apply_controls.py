@@ -7,26 +7,16 @@ start/end split, and CLIP Text Encode of the plain prompt for weight 0.
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
 
-_p = pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py"
-if "facebooth_test_comfy_inprocess" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("facebooth_test_comfy_inprocess", _p)
-    sys.modules["facebooth_test_comfy_inprocess"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["facebooth_test_comfy_inprocess"])
-comfy_inprocess = sys.modules["facebooth_test_comfy_inprocess"]
+from helpers import comfy_inprocess
 
 pytestmark = pytest.mark.slow  # loads the random SD1.5 checkpoint and samples with it
 
 
 @pytest.fixture(scope="module")
-def ckpt():
-    comfy_inprocess.import_comfy()
+def ckpt(comfy):
     return comfy_inprocess.load_checkpoint()
 
 

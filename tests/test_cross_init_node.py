@@ -4,28 +4,20 @@ inputs of DESIGN.md: names with path separators, an existing file without 'overw
 optimisation and an interrupt during it (no file left behind). Skipped without COMFYUI_DIR."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-_p = pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py"
-if "facebooth_test_comfy_inprocess" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("facebooth_test_comfy_inprocess", _p)
-    sys.modules["facebooth_test_comfy_inprocess"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["facebooth_test_comfy_inprocess"])
-comfy_inprocess = sys.modules["facebooth_test_comfy_inprocess"]
+from helpers import comfy_inprocess
 
 
 @pytest.fixture
-def node(monkeypatch, tmp_path):
+def node(comfy, monkeypatch, tmp_path):
     """The node module, writing into a fresh embeddings folder, with no results remembered from other tests."""
-    comfy_inprocess.import_comfy()
     import folder_paths
 
     from facebooth.nodes import cross_init as node_module

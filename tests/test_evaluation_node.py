@@ -4,7 +4,6 @@ computes for the same images (itself checked against transformers in test_evalua
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -22,17 +21,7 @@ NAME = "FaceBoothNodeTinyCLIP"
 
 
 @pytest.fixture(scope="module")
-def comfy_node():
-    sys.path.insert(0, __import__("os").path.dirname(__file__))
-    import importlib.util
-    import pathlib
-
-    p = pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py"
-    if "facebooth_test_comfy_inprocess" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("facebooth_test_comfy_inprocess", p)
-        sys.modules["facebooth_test_comfy_inprocess"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["facebooth_test_comfy_inprocess"])
-    sys.modules["facebooth_test_comfy_inprocess"].import_comfy()
+def comfy_node(comfy):
     import folder_paths
 
     from facebooth.nodes import evaluation as node

@@ -10,26 +10,17 @@ current_loaded_models, and that the module-level caches hold ModelPatchers, neve
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 import torch
 
-_p = pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py"
-if "facebooth_test_comfy_inprocess" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("facebooth_test_comfy_inprocess", _p)
-    sys.modules["facebooth_test_comfy_inprocess"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["facebooth_test_comfy_inprocess"])
-comfy_inprocess = sys.modules["facebooth_test_comfy_inprocess"]
+from helpers import comfy_inprocess
 
 pytestmark = pytest.mark.slow  # loads the random SD1.5 checkpoint
 
 
 @pytest.fixture(scope="module")
-def ckpt():
-    comfy_inprocess.import_comfy()
+def ckpt(comfy):
     return comfy_inprocess.load_checkpoint()
 
 
@@ -188,7 +179,6 @@ def test_portraitbooth_stea_is_loaded_and_evicted(mm, ckpt):
     assert _loaded(mm, stea.patcher)
     _check_evicted(mm, stea.patcher)
     _check_caches(node)
-
 
 
 def test_value_path_patch_drops_its_cast_copies_when_moved_off_a_device():

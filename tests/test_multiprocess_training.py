@@ -35,7 +35,7 @@ transformers = pytest.importorskip("transformers")
 
 from facebooth.training import run_state  # noqa: E402 -- after the importorskips
 from facebooth.training.distributed import SampleRandom, check_world_size  # noqa: E402 -- after the importorskips
-from helpers.tiny_training import save_png, write_clip_tokenizer  # noqa: E402 -- after the importorskips
+from helpers.tiny_training import save_png, write_tiny_sd  # noqa: E402 -- after the importorskips
 
 SCRIPTS = ("msid", "mapping", "portraitbooth", "instantbooth")
 MODULES = {name: f"facebooth.training.{m}" for name, m in (
@@ -51,26 +51,7 @@ STEPS = 4
 
 
 def _tiny_sd(root: Path) -> Path:
-    torch.manual_seed(0)
-    write_clip_tokenizer(root / "tokenizer", WORDS)
-    tok = transformers.CLIPTokenizer.from_pretrained(str(root / "tokenizer"), model_max_length=77)
-    tok.save_pretrained(str(root / "tokenizer"))
-    transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )).save_pretrained(str(root / "text_encoder"))
-    diffusers.UNet2DConditionModel(
-        sample_size=8, layers_per_block=1, block_out_channels=(16, 32), cross_attention_dim=32, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8,
-    ).save_pretrained(str(root / "unet"))
-    diffusers.AutoencoderKL(
-        latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=16,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    ).save_pretrained(str(root / "vae"))
-    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                            beta_end=0.012).save_pretrained(str(root / "scheduler"))
-    return root
+    return write_tiny_sd(root, WORDS, width=16, text_layers=1)
 
 
 def _setup(root: Path) -> dict[str, list[str]]:

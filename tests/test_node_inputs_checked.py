@@ -4,27 +4,18 @@ that encodes a prompt, the official-embedding import says the family it wrote, a
 fingerprint and every model cache use follow a rewritten file."""
 from __future__ import annotations
 
-import importlib.util
 import os
-import pathlib
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-_p = pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py"
-if "facebooth_test_comfy_inprocess" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("facebooth_test_comfy_inprocess", _p)
-    sys.modules["facebooth_test_comfy_inprocess"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["facebooth_test_comfy_inprocess"])
-comfy_inprocess = sys.modules["facebooth_test_comfy_inprocess"]
+from helpers import comfy_inprocess
 
 
 @pytest.fixture(scope="module")
-def ckpt():
-    comfy_inprocess.import_comfy()
+def ckpt(comfy):
     model, clip, vae = comfy_inprocess.load_checkpoint()
     folder = comfy_inprocess.embeddings_dir()
     save_file({"clip_h": torch.randn(2, 1024)}, str(folder / "wide_sd2.safetensors"))  # e.g. an SD2 Cross-Init result

@@ -15,6 +15,7 @@ from facebooth.pipelines.face.analyzer import FaceAnalyzer
 from facebooth.pipelines.portraitbooth import fastcomposer_loading as fcl
 from facebooth.pipelines.portraitbooth import losses as L
 from facebooth.pipelines.portraitbooth import stea as S
+from helpers import comfy_inprocess
 
 
 def test_identity_features_default_to_shallow_recognizer_layers(tmp_path):
@@ -94,19 +95,6 @@ def test_recommended_delayed_conditioning_from_the_weights(tmp_path):
 # ------------------------------------------------------------------- the node's start_at default (in-process ComfyUI)
 
 
-def _comfy():
-    import importlib.util
-    import pathlib
-    import sys
-
-    name = "facebooth_test_comfy_inprocess"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
 def _faces(n: int = 1):
     import torch.nn.functional as F
 
@@ -124,10 +112,8 @@ def _ranges(conditioning) -> list[tuple[float, float]]:
 
 
 @pytest.mark.slow
-def test_conditioning_node_starts_the_identity_where_the_weights_recommend(tmp_path):
-    comfy = _comfy()
-    comfy.import_comfy()
-    _, clip, _ = comfy.load_checkpoint()
+def test_conditioning_node_starts_the_identity_where_the_weights_recommend(comfy, tmp_path):
+    _, clip, _ = comfy_inprocess.load_checkpoint()
     from facebooth.nodes import portraitbooth as pbn
 
     deep = pbm.random_postfuse(feature_dim=512, seed=4, source="arcface", layers=("embedding",))

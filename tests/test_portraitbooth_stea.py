@@ -23,6 +23,7 @@ from facebooth.pipelines.portraitbooth.stea import (
     fuse_subject_rows,
 )
 from facebooth.utils.files import load_state_dict_file
+from helpers.fastcomposer_reference import reference_postfuse
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -62,20 +63,6 @@ def fc_state(tiny_models):
 # ------------------------------------------------------------------------------------------- the fuse MLP
 
 
-def _reference_postfuse(sd: dict, text: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-    """FastComposer's post-fuse written out with plain torch ops from the state dict (prefix already stripped)."""
-    p = {k: v.float() for k, v in sd.items()}
-
-    def mlp(x, name, residual):
-        h = F.layer_norm(x, x.shape[-1:], p[f"{name}.layernorm.weight"], p[f"{name}.layernorm.bias"], 1e-5)
-        h = F.linear(F.gelu(F.linear(h, p[f"{name}.fc1.weight"], p[f"{name}.fc1.bias"])), p[f"{name}.fc2.weight"], p[f"{name}.fc2.bias"])
-        return h + x if residual else h
-
-    u = mlp(torch.cat([text, feat], -1), "mlp1", False) + text
-    u = mlp(u, "mlp2", True)
-    return F.layer_norm(u, u.shape[-1:], p["layer_norm.weight"], p["layer_norm.bias"], 1e-5)
-
-
 def test_fuse_mlp_matches_plain_ops_from_official_keys(fc_state):
     post = {k[len("postfuse_module."):]: v for k, v in fc_state.items() if k.startswith("postfuse_module.")}
     assert set(post) == {f"{m}.{l}.{p}" for m in ("mlp1", "mlp2") for l in ("layernorm", "fc1", "fc2") for p in ("weight", "bias")} | {
@@ -84,7 +71,7 @@ def test_fuse_mlp_matches_plain_ops_from_official_keys(fc_state):
     stea = fcl.stea_from_fastcomposer(parts)
     assert (stea.config.text_dim, stea.config.feature_dim, stea.config.hidden_dim) == (32, 768, 32)
     text, feat = torch.randn(3, 32), torch.randn(3, 768)
-    torch.testing.assert_close(stea.fuse(text, feat), _reference_postfuse(post, text, feat), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stea.fuse(text, feat), reference_postfuse(post, text, feat), rtol=1e-5, atol=1e-5)
 
 
 def test_fuse_subject_rows_replaces_only_the_subject_rows():
@@ -207,7 +194,7 @@ def test_image_encoder_and_stea_match_transformers_and_plain_ops(fc_state, tiny_
     cond = torch.randn(1, 77, 32)
     with torch.no_grad():
         out = fuse_subject_rows(cond, [5], got[None], stea.fuse)
-    torch.testing.assert_close(out[0, 5], _reference_postfuse(post, cond[0, 5], ref_emb), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0, 5], reference_postfuse(post, cond[0, 5], ref_emb), rtol=1e-5, atol=1e-5)
 
 
 def test_unet_conversion_round_trips_through_diffusers_own_ldm_converter(tiny_models):
@@ -302,7 +289,7 @@ def test_our_stea_file_round_trips_and_loads_fastcomposer_too(tmp_path, fc_state
     assert model.config.feature_dim == 24 + 20 and model.image_encoder is None
     x, f = torch.randn(2, 768), torch.randn(2, 44)
     ref = {k[len("stea."):]: v for k, v in sd.items()}
-    torch.testing.assert_close(model.fuse(x, f), _reference_postfuse(ref, x, f), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.fuse(x, f), reference_postfuse(ref, x, f), rtol=1e-5, atol=1e-5)
     bin_path = tmp_path / "fc.bin"
     torch.save(fc_state, bin_path)
     assert fcl.load_stea(bin_path).config.feature_source == "clip_image"

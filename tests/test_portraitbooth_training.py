@@ -20,7 +20,7 @@ from facebooth.training import f2d_data
 from facebooth.training import portraitbooth_data as pdata
 from facebooth.utils.files import atomic_save_safetensors
 from helpers.tiny_training import save_png as _save_png
-from helpers.tiny_training import write_clip_tokenizer
+from helpers.tiny_training import write_tiny_sd
 
 pytest.importorskip("accelerate")
 diffusers = pytest.importorskip("diffusers")
@@ -207,26 +207,7 @@ def test_dataset_preparation_and_items(prepared):
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_sd_pb")
-    torch.manual_seed(0)
-    write_clip_tokenizer(root / "tokenizer", WORDS)
-    tok = transformers.CLIPTokenizer.from_pretrained(str(root / "tokenizer"), model_max_length=77)
-    tok.save_pretrained(str(root / "tokenizer"))
-    transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )).save_pretrained(str(root / "text_encoder"))
-    diffusers.UNet2DConditionModel(
-        sample_size=16, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).save_pretrained(str(root / "unet"))
-    diffusers.AutoencoderKL(
-        latent_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    ).save_pretrained(str(root / "vae"))
-    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                            beta_end=0.012).save_pretrained(str(root / "scheduler"))
+    root = write_tiny_sd(tmp_path_factory.mktemp("tiny_sd_pb"), WORDS, width=32, text_layers=2)
     atomic_save_safetensors(_tiny_backbone().state_dict(), root / "arcface.safetensors")
     return root
 

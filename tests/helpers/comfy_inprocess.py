@@ -2,21 +2,12 @@
 loaded through ``comfy.sd.load_checkpoint_guess_config`` the way CheckpointLoaderSimple loads it: under
 ``torch.inference_mode()``, as ComfyUI runs every node, so the weights are inference tensors as in a server.
 
-Import by path (tests/ is not a package); the module registers itself in ``sys.modules`` so every test file
-shares one loaded checkpoint::
-
-    import importlib.util, pathlib, sys
-    _p = pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py"
-    if "facebooth_test_comfy_inprocess" not in sys.modules:
-        _spec = importlib.util.spec_from_file_location("facebooth_test_comfy_inprocess", _p)
-        sys.modules["facebooth_test_comfy_inprocess"] = importlib.util.module_from_spec(_spec)
-        _spec.loader.exec_module(sys.modules["facebooth_test_comfy_inprocess"])
-    comfy_inprocess = sys.modules["facebooth_test_comfy_inprocess"]
+Tests take the session fixture ``comfy`` (tests/conftest.py) to import ComfyUI or skip, and use the helpers
+here: ``from helpers import comfy_inprocess``.
 """
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import sys
 import tempfile
@@ -24,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
+from helpers import tiny_sd as _tiny_sd
+
 _CACHE: dict = {}
+# Test files that still load this module by path use this name: they get this very module (one checkpoint).
+sys.modules.setdefault("facebooth_test_comfy_inprocess", sys.modules[__name__])
 
 
 def _release() -> None:
@@ -65,12 +59,8 @@ def import_comfy():
 
 
 def tiny_sd():
-    if "tiny_sd" not in _CACHE:
-        spec = importlib.util.spec_from_file_location("tiny_sd_for_comfy", _HERE / "tiny_sd.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _CACHE["tiny_sd"] = module
-    return _CACHE["tiny_sd"]
+    """tests/helpers/tiny_sd.py: the checkpoint's models as diffusers / transformers references."""
+    return _tiny_sd
 
 
 def embeddings_dir() -> Path:

@@ -12,11 +12,7 @@ models agree).
 * ``scheduler(kind)``: SD1.x noise schedule as a diffusers scheduler.
 * ``checkpoint_file()``: the .safetensors file itself (cached; generated on first use).
 
-Import it by path (tests/ is not a package)::
-
-    import importlib.util, pathlib
-    _spec = importlib.util.spec_from_file_location("tiny_sd", pathlib.Path(__file__).parent / "helpers" / "tiny_sd.py")
-    tiny_sd = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(tiny_sd)
+Tests import it as ``from helpers import tiny_sd``.
 """
 from __future__ import annotations
 
