@@ -6,19 +6,10 @@ Skipped without COMFYUI_DIR. The SDXL checkpoint is generated once into the test
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
 
-_p = pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py"
-if "facebooth_test_comfy_inprocess" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("facebooth_test_comfy_inprocess", _p)
-    sys.modules["facebooth_test_comfy_inprocess"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["facebooth_test_comfy_inprocess"])
-comfy_inprocess = sys.modules["facebooth_test_comfy_inprocess"]
+from helpers import comfy_inprocess
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +17,7 @@ PLACEHOLDERS = ["<fb_t0>", "<fb_t1>"]
 
 
 @pytest.fixture(scope="module")
-def sdxl():
-    comfy_inprocess.import_comfy()
+def sdxl(comfy):
     import comfy.sd
 
     from facebooth.devmodels.sdxl_checkpoint import checkpoint_name, write_random_sdxl_checkpoint

@@ -23,8 +23,6 @@ import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
 
-import importlib.util  # noqa: E402
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -41,10 +39,8 @@ from facebooth.pipelines.face.arcface import ArcFaceRecognizer, iresnet_from_sta
 from facebooth.pipelines.face.types import Face, FaceSet  # noqa: E402
 from facebooth.pipelines.portraitbooth.stea import clip_image_input  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("tiny_sd", HERE / "tiny_sd.py")
-tiny_sd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_sd)
+import tiny_sd  # noqa: E402  (this script's folder, tests/helpers, is sys.path[0])
+from fastcomposer_reference import reference_postfuse  # noqa: E402
 
 results: dict = {}
 work = Path(work)
@@ -60,18 +56,6 @@ def bf16(module):
         for p in module.parameters():
             p.copy_(p.to(torch.bfloat16).float())
     return module
-
-
-def postfuse_ref(sd: dict, text: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-    p = {k: v.float() for k, v in sd.items()}
-
-    def mlp(x, name, residual):
-        h = F.layer_norm(x, x.shape[-1:], p[f"{name}.layernorm.weight"], p[f"{name}.layernorm.bias"], 1e-5)
-        h = F.linear(F.gelu(F.linear(h, p[f"{name}.fc1.weight"], p[f"{name}.fc1.bias"])), p[f"{name}.fc2.weight"], p[f"{name}.fc2.bias"])
-        return h + x if residual else h
-
-    u = mlp(torch.cat([text, feat], -1), "mlp1", False) + text
-    return F.layer_norm(mlp(u, "mlp2", True), (text.shape[-1],), p["layer_norm.weight"], p["layer_norm.bias"], 1e-5)
 
 
 def check(name, mode):
@@ -198,7 +182,7 @@ def _stea():
     for subject_row, face, weight in ((changed[0], faces.faces[1], 1.3), (changed[1], faces.faces[0], 1.0)):
         with torch.no_grad():
             emb = vision_ref(pixel_values=clip_image_input(face.crops["ffhq_512"][None])).image_embeds[0]
-            row = postfuse_ref(post_sd, unweighted[0, subject_row], emb)
+            row = reference_postfuse(post_sd, unweighted[0, subject_row], emb)
         slot = subject_row % 77
         row = (row - empty[0, slot]) * weight + empty[0, slot]
         errs.append(maxerr(fused[0, subject_row], row))
@@ -244,7 +228,7 @@ def _arcface():
 
     stea_sd = {k[len("stea."):]: v for k, v in load_file(str(path)).items()}
     with torch.no_grad():
-        ref = postfuse_ref(stea_sd, plain[0, row], feat)
+        ref = reference_postfuse(stea_sd, plain[0, row], feat)
     results["arcface_stea_err"] = maxerr(cond[0][0][0, row], ref)
     try:
         pbn.PortraitBoothConditioning.execute(loaded, clip, faces, prompt, "woman", 0.0, None)
