@@ -411,6 +411,29 @@ def test_file_round_trip_and_refusals(tmp_path):
         load_personamagic(tmp_path / "official.pt")
 
 
+def test_mapper_config_reads_files_written_before_the_shared_config_pattern(tmp_path):
+    """Files store the mapper's config as JSON under 'mapper_config' (written with json.dumps(asdict(config)) before
+    utils.config existed): they load unchanged; a field this FaceBooth does not know is refused by name."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    m = official_mapper(image_dim=768)
+    path = save_personamagic(tmp_path / "new.safetensors", m, StagePlan(400, 800), "sd1", torch.randn(768))
+    tensors = load_file(str(path))
+    with open(path, "rb") as fh:  # the metadata as written, straight from the safetensors header
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))["__metadata__"]
+    old_style = {**header, "mapper_config": json.dumps(dataclasses.asdict(m.config))}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=old_style)
+    assert load_personamagic(tmp_path / "old.safetensors").mapper.config == m.config
+    assert json.loads(header["mapper_config"]) == json.loads(old_style["mapper_config"])  # the same JSON either way
+    broken = {**header, "mapper_config": json.dumps({**dataclasses.asdict(m.config), "depth": 3})}
+    save_file(tensors, str(tmp_path / "newer.safetensors"), metadata=broken)
+    with pytest.raises(UnsafeFileError, match="depth"):
+        load_personamagic(tmp_path / "newer.safetensors")
+
+
 # ---------------------------------------------------------------------------------------------- losses
 def test_masked_mse_is_the_official_normalised_sum():
     pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)

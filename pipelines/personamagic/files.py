@@ -10,7 +10,6 @@ be loaded weights-only and is refused (FaceBooth never unpickles objects).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from ...utils.config import ConfigError
 from ...utils.files import UnsafeFileError, atomic_save_safetensors, load_state_dict_file
 from .mapper import MapperConfig, PersonaMagicMapper, config_from_state_dict
 from .stages import StagePlan
@@ -56,7 +56,7 @@ def save_personamagic(
         "format_version": FORMAT_VERSION,
         "base_family": family,
         "dims": f"word={mapper.config.word_dim},image={mapper.config.image_dim}",
-        "mapper_config": json.dumps(mapper.config.to_dict()),
+        **mapper.config.to_metadata(),
         "t_low": str(plan.t_low),
         "t_high": str(plan.t_high),
         "num_timesteps": str(plan.num_timesteps),
@@ -79,9 +79,11 @@ def load_personamagic(path: Union[str, Path], device: Union[str, torch.device] =
         raise UnsafeFileError(f"{path.name} has format version {meta['format_version']}; this FaceBooth reads {FORMAT_VERSION}.")
     word = state.pop("supercategory_embedding").float()
     image_embed = state.pop("image_embed").float() if "image_embed" in state else None
-    if "mapper_config" in meta:
-        config = MapperConfig(**json.loads(meta["mapper_config"]))
-    else:
+    try:
+        config = MapperConfig.from_metadata(meta, source=path.name)
+    except ConfigError as exc:
+        raise UnsafeFileError(str(exc)) from exc
+    if config is None:  # written before configs were stored: read the shapes
         config = config_from_state_dict(state, word_dim=word.shape[0])
     mapper = PersonaMagicMapper(config, word)
     try:

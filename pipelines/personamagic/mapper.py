@@ -26,16 +26,20 @@ are the official ones.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...utils.config import MetadataConfig
+
 
 @dataclass(frozen=True)
-class MapperConfig:
+class MapperConfig(MetadataConfig):
+    METADATA_KEY: ClassVar[str] = "mapper_config"  # the key files have always used
+
     token_num: int = 4  # placeholder tokens the mapper fills (official: <new1>…<new4>)
     word_dim: int = 768  # text-encoder width (CLIP-L 768, OpenCLIP-H 1024; SDXL 2048 = CLIP-L ‖ CLIP-G)
     time_dim: int = 2048  # sinusoidal time-code width
@@ -62,9 +66,6 @@ class MapperConfig:
             )
         if self.token_num < 1:
             raise ValueError(f"token_num must be at least 1, got {self.token_num}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def anchors(self) -> torch.Tensor:
