@@ -104,8 +104,12 @@ def _setup(root: Path) -> dict[str, list[str]]:
     torch.manual_seed(0)
     net = IResNet(IResNetConfig(layers=(1, 1, 1, 1), widths=(8, 8, 8, 8), stem_width=8, num_features=8))
     atomic_save_safetensors(net.state_dict(), root / "arcface.safetensors")
+    # --rt 500: the identity loss runs on most samples (the paper's 250 would leave it idle in 4 tiny steps), but not
+    # near t = 1000, where x^0 divides by sqrt(alpha_bar) ~ 0.07 and the decoded image saturates: the loss's gradient
+    # then runs through the few unclamped pixels, and which ones they are flips with float rounding (batch 4 on one
+    # process vs 2 + 2): a ~1 % gradient change whatever the process count (seen with --rt 1000 once the random draws moved).
     pb_args = ["--pretrained-model", str(sd), "--arcface", str(root / "arcface.safetensors"), "--data-dir", str(root / "pb"),
-               "--arcface-layers", "layer2", "embedding", "--loc-layers", "all", "--rt", "1000", "--lr", "1e-3",
+               "--arcface-layers", "layer2", "embedding", "--loc-layers", "all", "--rt", "500", "--lr", "1e-3",
                "--uncond-prob", "0.2", "--text-only-prob", "0.2", "--save-dtype", "fp32"]
     # InstantBooth: 4 images with masks, a tiny CLIP vision tower
     for i in range(4):
@@ -258,6 +262,7 @@ def test_logged_loss_is_the_global_loss_once_per_step(runs, script):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (name, a["step"], key)
     if script == "portraitbooth":  # the split of active samples over the 2 processes was uneven at some step
         assert any(round(r["fused"] * 4) % 2 == 1 for r in ref), ref
+        assert any(round(r["dip_samples"]) % 2 == 1 for r in ref), ref  # the identity loss's too
     if script == "instantbooth":  # eval on the main process only, once per eval step
         assert [r["step"] for r in run_state.read_log(outs["two"]) if "eval_loss" in r] == [0, 2, 4]
 
