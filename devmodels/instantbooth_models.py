@@ -170,7 +170,7 @@ def write_random_instantbooth(
 
 
 def demo_models(seed: int = 0) -> list[dict]:
-    """The example runner's default models for InstantBooth workflows, as ``runner.examples.DemoModel`` fields."""
+    """The example runner's default models for InstantBooth workflows, as ``runner.demo_models.DemoModel`` fields."""
     from ..pipelines.instantbooth import adapter, files, model
 
     here = __file__

@@ -9,10 +9,8 @@ code does. The nodes run ComfyUI's own SD1 CLIP with the same weights, fed throu
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,12 +54,7 @@ SMALL_MAPPING = F2DMappingConfig(id_dim=128, hidden_dim=96, out_dim=768)
 
 
 @pytest.fixture(scope="module")
-def comfy():
-    if str(COMFYUI_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFYUI_DIR))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # no GPU here; ComfyUI would probe CUDA otherwise
+def comfy(comfy):  # the conftest's in-process ComfyUI (CPU), with what these tests use
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
@@ -395,10 +388,9 @@ def test_sd2_and_sdxl_clips_are_refused_by_type(comfy, f2d):
 
 
 def _training_helpers():
-    spec = importlib.util.spec_from_file_location("f2d_training_tests", Path(__file__).parent / "test_f2d_training.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import test_f2d_training  # tests/ is on pytest's pythonpath
+
+    return test_f2d_training
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:

@@ -7,10 +7,8 @@ Then the nodes themselves: beta = 0 gives the unpatched sampler output bit for b
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,6 +34,8 @@ from facebooth.pipelines.instantbooth import (
     save_instantbooth,
 )
 
+from helpers import tiny_sd
+
 transformers = pytest.importorskip("transformers")
 
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or "/nonexistent").expanduser()
@@ -44,21 +44,12 @@ pytestmark = pytest.mark.skipif(
     reason="needs ComfyUI's code: set COMFYUI_DIR to a ComfyUI source tree (e.g. ~/ComfyUI)",
 )
 
-_spec = importlib.util.spec_from_file_location("tiny_sd", Path(__file__).parent / "helpers" / "tiny_sd.py")
-tiny_sd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_sd)
-
 FOLDER_KEY = "facebooth/instantbooth"
 SKS = 48136  # "sks</w>" in the CLIP BPE vocabulary
 
 
 @pytest.fixture(scope="module")
-def comfy():
-    if str(COMFYUI_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFYUI_DIR))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+def comfy(comfy):  # the conftest's in-process ComfyUI (CPU), with what these tests use
     import comfy.clip_vision
     import comfy.sample
     import comfy.sd

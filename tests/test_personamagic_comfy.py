@@ -7,9 +7,6 @@ LayerNorm (V), and the diffusers UNet with the same weights for the K/V routing.
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -21,12 +18,8 @@ from facebooth.pipelines.personamagic.files import PersonaMagicFile
 from facebooth.pipelines.personamagic.mapper import MapperConfig, PersonaMagicMapper
 from facebooth.pipelines.personamagic.stages import PRESETS, bin_for_timestep, dynamic_bins
 
-_p = pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py"
-if "facebooth_test_comfy_inprocess" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("facebooth_test_comfy_inprocess", _p)
-    sys.modules["facebooth_test_comfy_inprocess"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["facebooth_test_comfy_inprocess"])
-comfy_inprocess = sys.modules["facebooth_test_comfy_inprocess"]
+from helpers import comfy_inprocess
+
 
 pytestmark = pytest.mark.slow  # loads the random SD1.5 checkpoint and samples with it
 
@@ -37,8 +30,7 @@ IMAGE_DIM = 24  # the tiny CLIP vision projection width used here
 
 
 @pytest.fixture(scope="module")
-def comfy():
-    comfy_inprocess.import_comfy()
+def comfy(comfy):  # the conftest's in-process ComfyUI, with what these tests use
     import comfy.clip_vision
     import comfy.sample
     import comfy.samplers

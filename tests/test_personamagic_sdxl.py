@@ -7,9 +7,6 @@ hand, per encoder (V), and ComfyUI's ``SDXL.encode_adm`` (y). Skipped without CO
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,14 +15,10 @@ import torch
 from facebooth.pipelines.personamagic.files import PersonaMagicFile, load_personamagic, save_personamagic
 from facebooth.pipelines.personamagic.mapper import MapperConfig, PersonaMagicMapper
 from facebooth.pipelines.personamagic.stages import PRESETS
+
+from helpers import comfy_inprocess
 from test_personamagic_comfy import Capture as AttnCapture  # the attn2 patch that records K and V
 
-_p = pathlib.Path(__file__).parent / "helpers" / "comfy_inprocess.py"
-if "facebooth_test_comfy_inprocess" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("facebooth_test_comfy_inprocess", _p)
-    sys.modules["facebooth_test_comfy_inprocess"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["facebooth_test_comfy_inprocess"])
-comfy_inprocess = sys.modules["facebooth_test_comfy_inprocess"]
 
 pytestmark = pytest.mark.slow  # the ~1.8 GB SDXL-family checkpoint; CLIP-G runs cost seconds on CPU
 
@@ -37,8 +30,7 @@ DIMS = (768, 1280)
 
 
 @pytest.fixture(scope="module")
-def comfy():
-    comfy_inprocess.import_comfy()
+def comfy(comfy):  # the conftest's in-process ComfyUI, with what these tests use
     import comfy.sample
     import comfy.samplers
     import comfy.sd

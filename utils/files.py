@@ -73,6 +73,14 @@ def atomic_save_safetensors(
     return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))
 
 
+def require_weight_file(path: str | os.PathLike, what: str, advice: str = "") -> Path:
+    """``path`` as a Path, or a FileNotFoundError that names the file, its folder and (``advice``) what to put there."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weight file {path.name} is missing in folder {path.parent}." + (f" {advice}" if advice else ""))
+    return path
+
+
 class UnsafeFileError(ValueError):
     """A weight file could not be loaded safely."""
 

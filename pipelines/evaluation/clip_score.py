@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ...utils.files import require_weight_file
+
 log = logging.getLogger(__name__)
 
 ImageLike = Union[Image.Image, torch.Tensor, np.ndarray]
@@ -142,9 +144,7 @@ def load_clip_scorer(
             f"open_clip has no architecture {model_name!r}. Known ones include ViT-B-32-quickgelu, ViT-L-14-quickgelu, "
             "ViT-H-14; or pass a model-config JSON."
         )
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"CLIP weight file {path.name} is missing in folder {path.parent}.")
+    path = require_weight_file(weights, "CLIP")
     # A file path (never a tag) as `pretrained`: open_clip loads it with weights_only=True and downloads nothing.
     model, _, preprocess = open_clip.create_model_and_transforms(
         model_name, pretrained=str(path.resolve()), device=torch.device(device), precision=precision,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Mapping, Union
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ...utils.files import load_state_dict_file
+from ...utils.files import load_state_dict_file, require_weight_file
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +208,8 @@ class FaceNetRecognizer:
 
 
 def load_facenet(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> FaceNetRecognizer:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"FaceNet weight file {path.name} is missing in folder {path.parent}. Put facenet-pytorch's "
-            "20180402-114759-vggface2.pt there (python -m facebooth weights fetch facenet-vggface2)."
-        )
+    path = require_weight_file(path, "FaceNet", "Put facenet-pytorch's 20180402-114759-vggface2.pt there "
+                               "(python -m facebooth weights fetch facenet-vggface2).")
     state, _ = load_state_dict_file(path)
     model = inception_resnet_v1_from_state_dict(state, source=str(path))
     log.info("Loaded FaceNet from %s", path)

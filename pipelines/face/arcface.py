@@ -16,14 +16,13 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...utils.files import load_state_dict_file
+from ...utils.files import load_state_dict_file, require_weight_file
 from ...utils.state_dict import load_strict
 
 logger = logging.getLogger(__name__)
@@ -352,12 +351,7 @@ def load_arcface(
     ``name`` labels the embeddings (identities made by different recognizers never compare); it
     defaults to ``arcface_<arch>``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ArcFace weight file {path.name} is missing in folder {path.parent}. Put an arcface_torch "
-            "backbone.pth (or a .safetensors conversion) there."
-        )
+    path = require_weight_file(path, "ArcFace", "Put an arcface_torch backbone.pth (or a .safetensors conversion) there.")
     # Read, not memory-mapped: each tensor gets its own buffer, so folding BatchNorm frees the file's tensors layer
     # by layer and loading peaks near one copy of the weights. (A mapped file stays resident until its last tensor
     # goes: the file's pages and the folded copy would both count, twice the weights at the peak.)

@@ -18,8 +18,6 @@ import pytest
 from helpers import tiny_sd as _tiny_sd
 
 _CACHE: dict = {}
-# Test files that still load this module by path use this name: they get this very module (one checkpoint).
-sys.modules.setdefault("facebooth_test_comfy_inprocess", sys.modules[__name__])
 
 
 def _release() -> None:

@@ -16,7 +16,7 @@ from facebooth.pipelines.personamagic.files import load_personamagic
 from facebooth.runner import examples as ex
 from integration.test_personamagic_workflow import clip_vision  # noqa: F401 (a fixture: the random ViT-L/14 file)
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow  # integration: by its folder (tests/conftest.py)
 
 EXAMPLE = ex.API_DIR / "personamagic_sdxl_api.json"
 NAME = "facebooth_example_persona_sdxl"
